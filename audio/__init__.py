@@ -1,0 +1,1 @@
+"""audio: see ../shared/DESIGN.md (methods land here)."""

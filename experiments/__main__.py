@@ -1,0 +1,174 @@
+"""python -m experiments list | show NAME | run NAME ... | report RUN_DIR
+
+Exit codes: 0 success, 1 training failure (non-finite streak), 2 user error (one line on
+stderr, no traceback), 128+signal when stopped by SIGTERM/SIGINT after checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse prints usage too)
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m experiments", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list experiments and what each reproduces")
+    show = sub.add_parser("show", help="print an experiment's config keys, values and help")
+    show.add_argument("name")
+    show.add_argument("--preset", default="smoke")
+    run = sub.add_parser("run", help="run an experiment")
+    run.add_argument("name")
+    run.add_argument("--preset", default=None, help="smoke | cpu | paper (default: smoke)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    run.add_argument("--run-dir", default=None, help="default: runs/NAME/PRESET-TIMESTAMP")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1)")
+    report = sub.add_parser("report", help="regenerate report.md and plots of a run")
+    report.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from experiments.registry import UserError  # light import, no JAX yet
+
+    try:
+        if args.command == "list":
+            return _list()
+        # Multi-host: must start before anything touches the JAX backend.
+        from trainkit.sharding import initialize_distributed
+
+        try:
+            initialize_distributed()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if args.command == "show":
+            return _show(args)
+        if args.command == "run":
+            return _run(args)
+        return _report(args)
+    except UserError as err:
+        return _fail(str(err))
+    except Exception as err:  # user-facing errors of trainkit: one line, exit 2
+        from trainkit.checkpoint import CheckpointError
+        from trainkit.config import ConfigError
+        from trainkit.run import RunDirError
+
+        if isinstance(err, (ConfigError, RunDirError, CheckpointError)):
+            return _fail(str(err))
+        raise
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return 2
+
+
+def _list() -> int:
+    from experiments.registry import REGISTRY
+
+    width = max(len(n) for n in REGISTRY)
+    for name, (_, what) in REGISTRY.items():
+        print(f"{name:<{width}}  {what}")
+    return 0
+
+
+def _show(args) -> int:
+    from experiments.registry import get
+    from trainkit.config import describe
+
+    exp = get(args.name)
+    cfg = exp.preset(args.preset)
+    print(f"{exp.name} (preset {args.preset}): {exp.description}")
+    for key, value, help_text in describe(cfg):
+        print(f"  {key} = {value!r}" + (f"    # {help_text}" if help_text else ""))
+    return 0
+
+
+def _run(args) -> int:
+    from experiments.registry import RunContext, UserError, get
+    from trainkit import config as tc
+    from trainkit.run import RunDir, is_main_process, params_sha256, read_json, write_json
+
+    exp = get(args.name)
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("--resume needs --run-dir (the directory of the run to continue)")
+        run_dir = RunDir(args.run_dir, must_exist=True)
+        info = read_json(run_dir.run_info_path) if run_dir.run_info_path.exists() else {}
+        if info.get("experiment", exp.name) != exp.name:
+            raise UserError(f"{run_dir.path} holds a run of '{info['experiment']}', not '{exp.name}'")
+        cfg = tc.apply_overrides(tc.load_json(exp.config_cls, run_dir.config_path), args.overrides)
+        preset = info.get("preset", args.preset)
+        seeds = info.get("seeds", 1) if args.seeds is None else args.seeds
+        if seeds != info.get("seeds", seeds):
+            raise UserError(f"--seeds {seeds} differs from the run's {info['seeds']}; "
+                            "a resumed run keeps its seeds")
+        info.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                               "overrides": args.overrides})
+    else:
+        preset = args.preset or "smoke"
+        cfg = tc.apply_overrides(exp.preset(preset), args.overrides)
+        seeds = args.seeds or 1
+        path = args.run_dir or os.path.join("runs", exp.name,
+                                            f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if Path(path, "checkpoints").is_dir() and any(Path(path, "checkpoints").iterdir()):
+            raise UserError(f"{path} already holds a run; pass --resume to continue it or "
+                            "choose another --run-dir")
+        run_dir = RunDir(path)
+        info = {"experiment": exp.name, "preset": preset, "overrides": args.overrides,
+                "seeds": seeds}
+    if is_main_process():
+        tc.save_json(cfg, run_dir.config_path)
+    run_dir.write_run_info(info)
+
+    from trainkit.guards import NonFiniteError
+    from trainkit.loop import Interrupted
+
+    start = time.time()
+    try:
+        result = exp.run(cfg, RunContext(run_dir=run_dir, seeds=seeds, resume=args.resume))
+    except Interrupted as err:
+        sys.stderr.write(f"{err}; continue with: python -m experiments run {exp.name} "
+                         f"--run-dir {run_dir.path} --resume\n")
+        return 128 + err.signum
+    except NonFiniteError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    summary = {"experiment": exp.name, "preset": preset, "seeds": seeds, "steps": result.steps,
+               "final": result.metrics, "params_sha256": params_sha256(result.params),
+               "wall_seconds": round(time.time() - start, 2)}
+    if is_main_process():
+        write_json(run_dir.summary_path, summary)
+        report_path = exp.report(run_dir)
+        print(f"run directory: {run_dir.path}\nreport: {report_path}")
+    return 0
+
+
+def _report(args) -> int:
+    from experiments.registry import UserError, get
+    from trainkit.run import RunDir, read_json
+
+    run_dir = RunDir(args.run_dir, must_exist=True)
+    info = read_json(run_dir.run_info_path)
+    if "experiment" not in info:
+        raise UserError(f"{run_dir.run_info_path} does not name its experiment")
+    print(get(info["experiment"]).report(run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""generative: see ../shared/DESIGN.md (methods land here)."""

@@ -1,0 +1,1 @@
+"""jaxrl_suite: see ../shared/DESIGN.md (methods land here)."""

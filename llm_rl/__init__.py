@@ -1,0 +1,1 @@
+"""llm_rl: see ../shared/DESIGN.md (methods land here)."""

@@ -1,0 +1,147 @@
+"""Atomic checkpoints of any pytree (orbax), with resume and preemption handling.
+
+A checkpoint holds everything needed to continue exactly: the train state pytree (params,
+optimizer state, step, PRNG keys, environment or replay state: any arrays) and a JSON
+``extra`` dict (data-iterator state, counters). Orbax writes each step to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint intact.
+
+Typed PRNG keys (``jax.random.key``) are stored as their raw key data and rebuilt on
+restore from the template's key type.
+
+:class:`StopSignal` turns SIGTERM/SIGINT into a flag the training loop checks between
+chunks: it then saves and exits cleanly (a second signal aborts at once).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not match the run's state."""
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_savable(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract(tree: Any) -> Any:
+    def one(x):
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        x = np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+def _from_savable(restored: Any, template: Any) -> Any:
+    def one(value, tmpl):
+        if _is_key(tmpl):
+            return jax.random.wrap_key_data(value, impl=jax.random.key_impl(tmpl))
+        return value
+
+    return jax.tree.map(one, restored, template)
+
+
+class Checkpointer:
+    """Saves every ``save_every`` steps (and when forced), keeps the last ``max_to_keep``."""
+
+    def __init__(self, directory: str | Path, *, save_every: int, max_to_keep: int = 2,
+                 async_save: bool = True):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        self._last_saved: int | None = None
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "extra"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        """True if a save is due at ``step``: a multiple of ``save_every`` was crossed since the
+        last save."""
+        last = self._last_saved if self._last_saved is not None else 0
+        return step // self.save_every > last // self.save_every
+
+    def save(self, step: int, state: Any, *, extra: dict | None = None, force: bool = False) -> bool:
+        """Save ``state`` at ``step`` if due (or ``force``). Returns True if saved."""
+        if not (force or self.due(step)) or step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
+                                  extra=ocp.args.JsonSave(dict(extra or {})))
+        self._manager.save(step, args=args, force=True)
+        self._last_saved = step
+        return True
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
+        """Restore into the structure, dtypes and shardings of ``template``.
+        Returns ``(step, state, extra)``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)),
+                                  extra=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as err:  # orbax raises many types for unreadable data
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: "
+                                  f"{first[:300]}") from None
+        state = _from_savable(restored["state"], template)
+        self._last_saved = step
+        return step, state, dict(restored["extra"] or {})
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class StopSignal:
+    """Context manager: SIGTERM/SIGINT set ``requested`` instead of killing the process, so
+    the loop can checkpoint and exit. A second signal raises KeyboardInterrupt at once."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> "StopSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
