@@ -1,0 +1,35 @@
+# README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Extras the test suite needs; a domain adds its extra here when its tests land.
+TEST_EXTRAS ?= test
+DEMO ?= quickstart
+DEMO_PRESET ?= smoke
+
+.PHONY: demo test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[$(TEST_EXTRAS)]"
+	touch $@ $(VENV)/.installed-base
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m experiments run $(DEMO) --preset $(DEMO_PRESET) --run-dir runs/demo-$(DEMO)-$(DEMO_PRESET)-$$(date +%Y%m%d-%H%M%S)
+
+# pytest exits 5 when it collects nothing: that must fail, never pass quietly.
+test: $(VENV)/.installed-test
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,76 @@
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trainkit.checkpoint import CheckpointError, Checkpointer, StopSignal
+
+
+def _state(seed=0):
+    key = jax.random.key(seed)
+    params = {"w": jax.random.normal(key, (4, 3)), "b": jnp.zeros(3, jnp.bfloat16)}
+    opt_state = optax.adam(1e-3).init(params)
+    return {"params": params, "opt": opt_state, "key": jax.random.split(key, 3),
+            "raw_key": jax.random.PRNGKey(seed), "step": jnp.int32(7), "buffer": jnp.arange(10)}
+
+
+def test_save_restore_round_trip_with_typed_keys(tmp_path):
+    state = _state(0)
+    ckpt = Checkpointer(tmp_path / "ck", save_every=5, async_save=False)
+    assert ckpt.save(5, state, extra={"data_position": 123})
+    ckpt.close()
+    restored_step, restored, extra = Checkpointer(tmp_path / "ck", save_every=5).restore(_state(1))
+    assert restored_step == 5 and extra == {"data_position": 123}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key)
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The restored typed key draws the same numbers as the original.
+    np.testing.assert_array_equal(jax.random.normal(state["key"][1], (3,)),
+                                  jax.random.normal(restored["key"][1], (3,)))
+
+
+def test_due_and_keep_last(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", save_every=10, max_to_keep=2, async_save=False)
+    state = _state()
+    saved = [s for s in (4, 8, 12, 16, 20, 21, 35) if ckpt.save(s, state)]
+    assert saved == [12, 20, 35]  # a save each time a multiple of 10 is crossed
+    assert ckpt.save(36, state, force=True)
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ck", save_every=10).all_steps() == [35, 36]
+
+
+def test_missing_and_corrupt_checkpoints_raise_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Checkpointer(tmp_path / "empty", save_every=1).restore(_state())
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
+    ckpt.save(1, _state(), force=True)
+    ckpt.close()
+    for root, _, files in os.walk(tmp_path / "ck" / "1" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as fh:
+                fh.write(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        Checkpointer(tmp_path / "ck", save_every=1).restore(_state())
+
+
+def test_mismatched_template_is_a_checkpoint_error(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
+    ckpt.save(1, {"w": jnp.ones((2, 2))}, force=True)
+    ckpt.close()
+    with pytest.raises(CheckpointError):
+        Checkpointer(tmp_path / "ck", save_every=1).restore({"w": jnp.ones((2, 2)),
+                                                            "v": jnp.ones(3)})
+
+
+def test_stop_signal_sets_flag_instead_of_killing():
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
