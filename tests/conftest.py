@@ -23,9 +23,3 @@ def subprocess_env():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
-
-def run_cli(args, env, timeout=300, **kw):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, **kw)

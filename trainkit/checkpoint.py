@@ -120,6 +120,26 @@ class Checkpointer:
         self._manager.close()
 
 
+def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tuple[int, Any]:
+    """Read a saved train state as nested dicts of numpy arrays, on any topology (a state
+    saved by 2 hosts or 8 devices reads on one CPU). For inspection, export and tests; to
+    continue training use :meth:`Checkpointer.restore`, which rebuilds shardings and keys."""
+    directory = Path(run_checkpoints_dir)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+        if directory.is_dir() else []
+    if not steps or (step is not None and step not in steps):
+        raise CheckpointError(f"no checkpoint {'' if step is None else step} in {directory}")
+    step = steps[-1] if step is None else step
+    path = directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {str(err)[:300]}") from None
+
+
 class StopSignal:
     """Context manager: SIGTERM/SIGINT set ``requested`` instead of killing the process, so
     the loop can checkpoint and exit. A second signal raises KeyboardInterrupt at once."""
