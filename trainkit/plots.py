@@ -51,8 +51,9 @@ def _pyplot():
 
 def learning_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], np.ndarray]], *,
                     xlabel: str = "step", ylabel: str = "", title: str = "",
-                    logy: bool = False) -> Path:
-    """``curves[label] = (steps [N], values [seeds, N] or [N])``: mean line, 95% CI band."""
+                    logy: bool = False, references: Mapping[str, float] | None = None) -> Path:
+    """``curves[label] = (steps [N], values [seeds, N] or [N])``: mean line, 95% CI band.
+    ``references[label] = y`` draws dashed horizontal lines (a loss floor, a paper's number)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for label, (steps, values) in curves.items():
@@ -62,6 +63,8 @@ def learning_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
         if seeds > 1:
             ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2,
                             linewidth=0)
+    for label, y in (references or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", linewidth=1, label=label)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -69,7 +72,7 @@ def learning_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    if curves:
+    if curves or references:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
