@@ -1,0 +1,114 @@
+"""Tokenizers: local Hugging Face tokenizers, and a character tokenizer for generated tasks.
+
+- :func:`load_tokenizer` reads a local HF directory (``tokenizer.json`` + config) through
+  transformers with no network access; chat templates work where the tokenizer has one
+  (:func:`format_chat`).
+- :func:`char_tokenizer` defines the project's small tokenizer: one token per printable
+  ASCII character plus ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; it is built with the
+  ``tokenizers`` library and saved in the same HF format, so every loader treats it alike.
+- :func:`encode_prompts` left-pads a batch of prompts for generation (ids and mask).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory is missing or unreadable."""
+
+
+def char_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast``: ids 0-3 are <pad> <bos> <eos> <unk>,
+    then printable ASCII (32-126) and newline. Decoding joins characters back exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for c in ["\n"] + [chr(i) for i in range(32, 127)]:
+        vocab[c] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+    tokenizer.save_pretrained(str(path))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer from a local directory (never the network)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer_config.json")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises many types for unreadable files
+        raise TokenizerError(f"{path}: cannot load tokenizer: {str(err).splitlines()[0][:200]}") from None
+
+
+def format_chat(tokenizer, user_message: str, system: str | None = None) -> str:
+    """The prompt text for one user turn: the tokenizer's chat template when it has one,
+    else the message itself."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user_message}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return user_message
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, max_length: int | None = None,
+                   add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids [B, T] int32 and mask [B, T] (1 = token) for generation. Prompts longer
+    than ``max_length`` keep their last ``max_length`` tokens."""
+    rows = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+        if max_length is not None:
+            ids = ids[-max_length:]
+        rows.append(ids)
+    width = max(len(r) for r in rows) if rows else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def encode_sequences(tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
+                     max_length: int, add_eos: bool = True) -> dict[str, np.ndarray]:
+    """Right-padded training sequences ``<bos> prompt completion <eos>``: ids [B, T], mask
+    [B, T] (1 = token) and loss_mask [B, T] (1 on completion tokens and the EOS).
+    Sequences are cut to ``max_length``."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(prompts), max_length), pad, np.int32)
+    mask = np.zeros_like(ids)
+    loss_mask = np.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        p_ids = head + tokenizer(p, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        if add_eos and tokenizer.eos_token_id is not None:
+            c_ids = c_ids + [tokenizer.eos_token_id]
+        row = (p_ids + c_ids)[:max_length]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+        loss_mask[i, len(p_ids):len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
