@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        _quiet_orbax()
         # Multi-host: must start before anything touches the JAX backend.
         from trainkit.sharding import initialize_distributed
 
@@ -68,6 +69,41 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, (ConfigError, RunDirError, CheckpointError)):
             return _fail(str(err))
         raise
+
+
+def _quiet_orbax() -> None:
+    """Keep orbax's own output off stderr, so a bad checkpoint reads as one line.
+
+    Orbax logs what it finds wrong (a corrupt ``_CHECKPOINT_METADATA``, say) as absl ERROR
+    records before raising; the CLI reports the failure itself (CheckpointError, exit 2).
+    And when a restore fails mid-read, tensorstore reads still in flight complete into
+    orbax's already closed event loop, which prints "RuntimeError: Event loop is closed"
+    tracebacks as unraisable exceptions, after the error line. This drops every log record
+    that comes from the orbax package (other absl/logging output is untouched) and exactly
+    that unraisable RuntimeError. Idempotent, so in-process callers may call ``main`` again."""
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxRecords) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxRecords())
+    if not getattr(sys.unraisablehook, "_drops_closed_loop", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            exc = unraisable.exc_value
+            if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+                return
+            previous(unraisable)
+
+        hook._drops_closed_loop = True
+        sys.unraisablehook = hook
+
+
+class _DropOrbaxRecords:
+    """logging filter: drop records logged from inside the orbax package."""
+
+    def filter(self, record) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def _fail(message: str) -> int:
@@ -97,9 +133,9 @@ def _show(args) -> int:
 
 
 def _run(args) -> int:
-    from experiments.registry import RunContext, UserError, get
+    from experiments.registry import UserError, execute, get
     from trainkit import config as tc
-    from trainkit.run import RunDir, is_main_process, params_sha256, read_json, write_json
+    from trainkit.run import RunDir, is_main_process, read_json
 
     exp = get(args.name)
     if args.seeds is not None and args.seeds < 1:
@@ -131,16 +167,11 @@ def _run(args) -> int:
         run_dir = RunDir(path)
         info = {"experiment": exp.name, "preset": preset, "overrides": args.overrides,
                 "seeds": seeds}
-    if is_main_process():
-        tc.save_json(cfg, run_dir.config_path)
-    run_dir.write_run_info(info)
-
     from trainkit.guards import NonFiniteError
     from trainkit.loop import Interrupted
 
-    start = time.time()
     try:
-        result = exp.run(cfg, RunContext(run_dir=run_dir, seeds=seeds, resume=args.resume))
+        summary = execute(exp, cfg, run_dir, seeds=seeds, resume=args.resume, info=info)
     except Interrupted as err:
         sys.stderr.write(f"{err}; continue with: python -m experiments run {exp.name} "
                          f"--run-dir {run_dir.path} --resume\n")
@@ -148,13 +179,8 @@ def _run(args) -> int:
     except NonFiniteError as err:
         sys.stderr.write(f"error: {err}\n")
         return 1
-    summary = {"experiment": exp.name, "preset": preset, "seeds": seeds, "steps": result.steps,
-               "final": result.metrics, "params_sha256": params_sha256(result.params),
-               "wall_seconds": round(time.time() - start, 2)}
     if is_main_process():
-        write_json(run_dir.summary_path, summary)
-        report_path = exp.report(run_dir)
-        print(f"run directory: {run_dir.path}\nreport: {report_path}")
+        print(f"run directory: {run_dir.path}\nreport: {summary['report']}")
     return 0
 
 

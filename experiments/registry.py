@@ -60,6 +60,32 @@ class Experiment:
         return self.presets[name]()
 
 
+def execute(exp: Experiment, cfg: Config, run_dir: RunDir, *, seeds: int = 1, resume: bool = False,
+            info: dict | None = None) -> dict:
+    """Run ``exp`` into ``run_dir`` the way the CLI does: write ``config.json`` and
+    ``run.json``, train, then write ``summary.json`` (final metrics, ``params_sha256``, wall
+    time) and the report. Returns the summary. Usable from notebooks."""
+    import time
+
+    from trainkit.config import save_json
+    from trainkit.run import is_main_process, params_sha256, write_json
+
+    info = dict(info or {"experiment": exp.name, "seeds": seeds})
+    if is_main_process():
+        save_json(cfg, run_dir.config_path)
+    run_dir.write_run_info(info)
+    start = time.time()
+    result = exp.run(cfg, RunContext(run_dir=run_dir, seeds=seeds, resume=resume))
+    summary = {"experiment": exp.name, "preset": info.get("preset"), "seeds": seeds,
+               "steps": result.steps, "final": result.metrics,
+               "params_sha256": params_sha256(result.params),
+               "wall_seconds": round(time.time() - start, 2)}
+    if is_main_process():
+        write_json(run_dir.summary_path, summary)
+        summary["report"] = exp.report(run_dir)
+    return summary
+
+
 def get(name: str) -> Experiment:
     if name not in REGISTRY:
         import difflib

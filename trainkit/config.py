@@ -270,9 +270,21 @@ def parse_value(text: str, tp: Any, path: str = "value") -> Any:
     raise ConfigError(path, text, f"has type {tp!r}, which cannot be set from the command line")
 
 
+class OverrideSyntaxError(ConfigError):
+    def __init__(self, item: str):
+        self.path, self.value, self.allowed = item, item, "key=value"
+        ValueError.__init__(self, f"override '{item}' must look like key=value (e.g. optim.lr=3e-4)")
+
+
+class ConfigFileError(ConfigError):
+    def __init__(self, path: str, message: str):
+        self.path, self.value, self.allowed = path, None, message
+        ValueError.__init__(self, f"{path}: {message}")
+
+
 def split_override(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ConfigError(item, item, "an override must look like key=value (e.g. optim.lr=3e-4)")
+        raise OverrideSyntaxError(item)
     key, value = item.split("=", 1)
     return key.strip(), value
 
@@ -357,5 +369,10 @@ def load_json(cls: type[C], path: str | os.PathLike) -> C:
         with open(path) as fh:
             data = json.load(fh)
     except json.JSONDecodeError as err:
-        raise ConfigError(str(path), f"line {err.lineno}", f"is not valid JSON: {err.msg}") from None
-    return from_dict(cls, data)
+        raise ConfigFileError(str(path), f"line {err.lineno}: invalid JSON ({err.msg})") from None
+    except OSError as err:
+        raise ConfigFileError(str(path), f"cannot read ({err.strerror})") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigFileError(str(path), str(err)) from None

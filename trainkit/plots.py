@@ -61,7 +61,10 @@ def learning_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float]
         seeds = 1 if np.ndim(values) == 1 else np.shape(values)[0]
         line, = ax.plot(steps, mean, label=f"{label} (n={seeds})" if seeds > 1 else label)
         if seeds > 1:
-            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2,
+            low = mean - ci
+            if logy:  # a band reaching below zero cannot be drawn on a log axis: clip it
+                low = np.maximum(low, 0.1 * mean)
+            ax.fill_between(steps, low, mean + ci, color=line.get_color(), alpha=0.2,
                             linewidth=0)
     for label, y in (references or {}).items():
         ax.axhline(y, linestyle="--", color="gray", linewidth=1, label=label)

@@ -237,7 +237,7 @@ class Progress:
 
     def __init__(self, total: int, *, initial: int = 0, desc: str = "train",
                  key_metric: str | None = None):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the text bar: works in terminals, logs and notebooks alike
 
         self.key_metric = key_metric
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,

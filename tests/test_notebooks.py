@@ -1,0 +1,68 @@
+"""Every notebooks/*.ipynb runs top to bottom in a fresh kernel of this Python.
+
+The kernel is started from a kernelspec written for ``sys.executable`` (the venv's python),
+not looked up by name: a ``python3`` kernelspec in ~/.local/share/jupyter or on
+JUPYTER_PATH would otherwise win, and it may belong to another Python without the project.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 120
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, f"no notebooks found in {REPO / 'notebooks'}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, \
+                f"{path.name} cell {i} holds outputs; clear them before committing"
+
+
+def _kernel_manager(tmp_path):
+    """A kernel manager whose only ``python3`` kernelspec runs ``sys.executable``."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    write_kernel_spec(str(kernels / "python3"))
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    assert km.kernel_spec.argv[0] == sys.executable, km.kernel_spec.argv
+    return km
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path):
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MPLCONFIGDIR"] = str(tmp_path / "mpl")
+    env["TRAINKIT_NO_PROGRESS"] = "1"
+    env["TMPDIR"] = str(tmp_path)  # run directories made with tempfile land here
+    env["IPYTHONDIR"] = str(tmp_path / "ipython")  # no user profile, no history file
+    client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
+                            kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute(env=env)  # raises CellExecutionError naming the cell and its traceback
+    errors = [out for cell in nb.cells if cell.cell_type == "code"
+              for out in cell.outputs if out.output_type == "error"]
+    assert not errors, errors
