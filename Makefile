@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Extras the test suite needs; a domain adds its extra here when its tests land.
 TEST_EXTRAS ?= test,llm,parity
-DEMO ?= quickstart
+DEMO ?= kl_estimators
 DEMO_PRESET ?= smoke
 
 .PHONY: demo test install clean

@@ -23,6 +23,12 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "quickstart": ("experiments.quickstart",
                    "teacher-student MLP regression exercising the whole stack (sharding, "
                    "checkpoints, guards, logging, plots)"),
+    "lm_pretrain": ("experiments.lm_pretrain",
+                    "small Qwen3/Qwen2/Llama decoder trained from scratch on arithmetic and "
+                    "Countdown, saved in HF format (the base model of the LLM RL methods)"),
+    "kl_estimators": ("experiments.kl_estimators",
+                      "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
+                      "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
 }
 
 

@@ -1,0 +1,263 @@
+"""kl_estimators: RL on a small LM with every KL estimator in every placement.
+
+Reproduces the setting of "A Comedy of Estimators: On KL Regularization in RL Training of
+LLMs" (arXiv 2512.21852) at laptop scale: a decoder pretrained from scratch on arithmetic
+(:mod:`experiments.lm_pretrain`, stage 1, unless ``base.model_dir`` points at one) is
+fine-tuned with GRPO-style RL on verifiable arithmetic, once per KL configuration
+``estimator-placement`` in ``grid.configs`` (``none`` for no KL) and per seed, on-policy or
+with rollouts ``rl.staleness`` policy versions old. Each configuration trains in its own
+sub-run (``configs/NAME-sSEED/``: metrics, checkpoints, resumable); the report compares
+reward, KL to the reference model, in-domain and out-of-domain greedy accuracy (OOD: longer
+expressions than in training) and training stability.
+
+What the paper reports, and what to look for here: configurations whose gradient is biased
+for the reverse-KL objective (k1 in loss, whose expected gradient is zero; k3 in reward)
+regularise poorly or destabilise training, while unbiased ones (k1 in reward, k3 in both)
+keep the policy close to the reference and do better in and out of domain. The exact bias of
+each configuration is in docs/kl_estimators.md (``python -m llm_rl.kl.oracle``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import lm_pretrain
+from experiments.registry import Experiment, RunContext, RunResult, UserError
+from trainkit import plots
+from trainkit.config import Config, ConfigError, field, load_json
+from trainkit.loop import LoopSettings, fit
+from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
+
+ESTIMATOR_PLACEMENTS = tuple(f"{e}-{p}" for e in ("k1", "k2", "k3") for p in ("reward", "loss", "both"))
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig(Config):
+    model_dir: str | None = field(None, help="HF model dir from lm_pretrain (none: pretrain first)")
+    pretrain: lm_pretrain.LMPretrainConfig = field(factory=lm_pretrain.smoke)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig(Config):
+    iterations: int = field(20, ge=1, help="policy updates per configuration")
+    num_prompts: int = field(8, ge=1)
+    group_size: int = field(4, ge=2)
+    max_new_tokens: int = field(16, ge=1)
+    temperature: float = field(1.0, gt=0)
+    lr: float = field(1e-4, gt=0, le=1)
+    beta: float = field(0.1, ge=0, help="KL coefficient")
+    normalization: str = field("sum", choices=("sum", "seq_mean", "token_mean"))
+    advantage: str = field("grpo", choices=("grpo", "dr_grpo", "rloo", "reinforce"))
+    clip_eps: float = field(0.2, gt=0)
+    staleness: int = field(0, ge=0, help="rollouts come from the policy this many updates ago")
+    max_ops: int = field(1, ge=1, help="in-domain arithmetic: operators per expression")
+    max_value: int = field(9, ge=1)
+    ood_max_ops: int = field(2, ge=1, help="out-of-domain evaluation: longer expressions")
+    eval_problems: int = field(32, ge=1)
+    eval_every: int = field(10, ge=1)
+    chunk_size: int = field(10, ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig(Config):
+    configs: tuple[str, ...] = field(("none", "k1-reward", "k1-loss", "k3-reward", "k3-loss", "k3-both"),
+                                     help="estimator-placement names, or none")
+
+    def validate(self):
+        for name in self.configs:
+            if name != "none" and name not in ESTIMATOR_PLACEMENTS:
+                raise self.invalid("configs", f"each must be 'none' or one of {', '.join(ESTIMATOR_PLACEMENTS)}")
+        if not self.configs:
+            raise self.invalid("configs", "must name at least one configuration")
+
+
+@dataclasses.dataclass(frozen=True)
+class KLEstimatorsConfig(Config):
+    seed: int = field(0, ge=0)
+    base: BaseConfig = field(factory=BaseConfig)
+    rl: RLConfig = field(factory=RLConfig)
+    grid: GridConfig = field(factory=GridConfig)
+
+    def validate(self):
+        both = tuple(c for c in self.grid.configs if c.endswith("-both"))
+        if self.rl.staleness > 0 and both:
+            raise ConfigError("grid.configs", both, "placement 'both' with rl.staleness > 0 would "
+                              "count the KL score term twice; drop these or use staleness 0")
+
+
+def smoke() -> KLEstimatorsConfig:
+    return KLEstimatorsConfig(grid=GridConfig(configs=("none", "k1-reward", "k3-loss")),
+                              rl=RLConfig(iterations=6, num_prompts=4, group_size=4, eval_every=6,
+                                          chunk_size=3, eval_problems=8))
+
+
+def cpu() -> KLEstimatorsConfig:
+    return KLEstimatorsConfig(
+        base=BaseConfig(pretrain=lm_pretrain.LMPretrainConfig(
+            data=lm_pretrain.DataConfig(num_train=8192, num_eval=64),
+            train=lm_pretrain.TrainConfig(steps=1500, batch_size=32, lr=3e-3, chunk_size=250,
+                                          save_every=500, eval_every=500))),
+        rl=RLConfig(iterations=150, num_prompts=16, group_size=4, lr=3e-4, beta=0.1,
+                    eval_every=50, chunk_size=25, eval_problems=64))
+
+
+def paper() -> KLEstimatorsConfig:
+    return KLEstimatorsConfig(
+        base=BaseConfig(pretrain=lm_pretrain.paper()),
+        grid=GridConfig(configs=("none",) + ESTIMATOR_PLACEMENTS),
+        rl=RLConfig(iterations=1000, num_prompts=64, group_size=8, max_new_tokens=64, lr=1e-6,
+                    beta=0.05, max_ops=3, max_value=100, ood_max_ops=5, eval_problems=512,
+                    eval_every=100, chunk_size=50))
+
+
+def _base_model(cfg: KLEstimatorsConfig, ctx: RunContext) -> Path:
+    if cfg.base.model_dir:
+        path = Path(cfg.base.model_dir)
+        if not (path / "config.json").is_file():
+            raise UserError(f"base.model_dir={path}: no config.json (expected an lm_pretrain model/ dir)")
+        return path
+    base_dir = RunDir(ctx.run_dir.path / "base")
+    if not base_dir.summary_path.exists():
+        from trainkit.config import save_json
+
+        save_json(cfg.base.pretrain, base_dir.config_path)
+        result = lm_pretrain.run(cfg.base.pretrain, RunContext(base_dir, 1, ctx.resume))
+        write_json(base_dir.summary_path, {"final": result.metrics, "steps": result.steps})
+        lm_pretrain.report(base_dir)
+    return base_dir.path / "model"
+
+
+def _settings(cfg: KLEstimatorsConfig, name: str, seed: int):
+    from llm_rl.rl import RLSettings
+
+    r = cfg.rl
+    estimator, placement = ("k1", "none") if name == "none" else name.split("-")
+    return RLSettings(estimator=estimator, placement=placement, beta=r.beta,
+                      normalization=r.normalization, advantage=r.advantage, clip_eps=r.clip_eps,
+                      num_prompts=r.num_prompts, group_size=r.group_size,
+                      max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                      staleness=r.staleness, task="arithmetic",
+                      task_kwargs=(("max_ops", r.max_ops), ("max_value", r.max_value)),
+                      seed=seed)
+
+
+def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
+    from llm_rl import tasks
+    from llm_rl.models import from_pretrained
+    from llm_rl.rl import greedy_accuracy, init_state, make_iteration
+    from llm_rl.tokenization import load_tokenizer
+
+    model_dir = _base_model(cfg, ctx)
+    ref_model, _ = from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    graphdef, ref_params = nnx.split(ref_model, nnx.Param)
+    r = cfg.rl
+    eval_rng = np.random.default_rng([cfg.seed, 99])
+    in_domain = [tasks.arithmetic_problem(eval_rng, max_ops=r.max_ops, max_value=r.max_value)
+                 for _ in range(r.eval_problems)]
+    ood = [tasks.arithmetic_problem(eval_rng, min_ops=r.ood_max_ops, max_ops=r.ood_max_ops,
+                                    max_value=r.max_value) for _ in range(r.eval_problems)]
+    ood_tokens = r.max_new_tokens + 8 * (r.ood_max_ops - r.max_ops)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
+
+    def evaluate(state):
+        acc, fmt = greedy_accuracy(graphdef, state.params, tokenizer, in_domain, r.max_new_tokens)
+        ood_acc, _ = greedy_accuracy(graphdef, state.params, tokenizer, ood, ood_tokens)
+        return {"eval_accuracy": acc, "eval_formatted": fmt, "ood_accuracy": ood_acc}
+
+    base_eval = evaluate(init_state(ref_params, optimizer, 0))
+    write_json(ctx.run_dir.path / "base_eval.json", base_eval)
+    all_params, finals = {}, {}
+    for name in cfg.grid.configs:
+        for seed_index in range(ctx.seeds):
+            sub = RunDir(ctx.run_dir.path / "configs" / f"{name}-s{seed_index}")
+            settings = _settings(cfg, name, cfg.seed + seed_index)
+            write_json(sub.config_path, dataclasses.asdict(settings))  # what this sub-run ran
+            iterate = make_iteration(graphdef, ref_params, optimizer, tokenizer, settings)
+            state = init_state(ref_params, optimizer, r.staleness)
+            loop = LoopSettings(num_steps=r.iterations, chunk_size=r.chunk_size,
+                                save_every=r.chunk_size, key_metric="reward",
+                                desc=f"{name} seed {seed_index}", eval_every=r.eval_every)
+            state, logger = fit(sub, state, iterate, loop, resume=ctx.resume, evaluate=evaluate)
+            logger.close()
+            final = final_metrics(sub.read_metrics(), window=5)
+            write_json(sub.summary_path, {"config": name, "seed": seed_index, "final": final})
+            finals[(name, seed_index)] = final
+            all_params[f"{name}-s{seed_index}"] = state.params
+    metrics = {}
+    for name in cfg.grid.configs:
+        for key in ("reward", "kl_k3", "eval_accuracy", "ood_accuracy"):
+            values = [finals[(name, s)][key] for s in range(ctx.seeds) if key in finals[(name, s)]]
+            if values:
+                metrics[f"{name}/{key}"] = float(np.mean(values))
+    return RunResult(params=all_params, metrics=metrics, steps=r.iterations)
+
+
+def _curves(run_dir: RunDir, names, key):
+    curves = {}
+    for name in names:
+        runs = sorted((run_dir.path / "configs").glob(f"{name}-s*"))
+        series = []
+        for sub in runs:
+            rows = [row for row in read_metrics(sub / "metrics.jsonl") if key in row]
+            series.append(([row["step"] for row in rows], [row[key] for row in rows]))
+        if series and all(s[0] == series[0][0] for s in series) and series[0][0]:
+            curves[name] = (series[0][0], np.asarray([s[1] for s in series], np.float64))
+    return curves
+
+
+def report(run_dir: RunDir) -> str:
+    cfg = load_json(KLEstimatorsConfig, run_dir.config_path)
+    names = cfg.grid.configs
+    figures = []
+    for key, ylabel, smooth in (("reward", "training reward (accuracy of samples)", True),
+                                ("kl_k3", "KL(pi || ref) per sequence (k3 estimate)", True),
+                                ("eval_accuracy", "in-domain greedy accuracy", False),
+                                ("ood_accuracy", "out-of-domain greedy accuracy", False)):
+        curves = _curves(run_dir, names, key)
+        if smooth:  # running mean over 5 iterations: single-batch rewards are noisy
+            curves = {n: (s, np.apply_along_axis(lambda v: np.convolve(v, np.ones(5) / 5, "same"), -1, v))
+                      for n, (s, v) in curves.items()}
+        if curves:
+            figures.append(plots.learning_curves(run_dir.plots_dir / f"{key}.png", curves,
+                                                 xlabel="RL iteration", ylabel=ylabel,
+                                                 title=f"kl_estimators: {key}"))
+    base = read_json(run_dir.path / "base_eval.json") if (run_dir.path / "base_eval.json").exists() else {}
+    rows = [["base model (before RL)", "-", "-", base.get("eval_accuracy", "-"), base.get("ood_accuracy", "-"), "-"]]
+    for name in names:
+        finals = [read_json(p / "summary.json")["final"]
+                  for p in sorted((run_dir.path / "configs").glob(f"{name}-s*")) if (p / "summary.json").exists()]
+        if not finals:
+            continue
+        mean = lambda k: float(np.mean([f[k] for f in finals if k in f])) if any(k in f for f in finals) else "-"
+        rows.append([name, mean("reward"), mean("kl_k3"), mean("eval_accuracy"), mean("ood_accuracy"),
+                     mean("nonfinite_total")])
+    table = plots.markdown_table(rows, ["configuration", "reward (last 5)", "KL k3 (last 5)",
+                                        "in-domain acc.", "OOD acc.", "skipped steps"])
+    r = cfg.rl
+    text = (f"# kl_estimators\n\nGRPO-style RL ({r.advantage} advantages, group {r.group_size}, "
+            f"{r.num_prompts} prompts/iteration, {r.iterations} iterations, beta {r.beta}, "
+            f"normalization {r.normalization}, staleness {r.staleness}) from the base model, one run per "
+            f"configuration and seed (means over seeds; curves with 95% CI when seeds > 1).\n\n"
+            f"{table}\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures)
+            + "\n\nExact gradient bias of each configuration: docs/kl_estimators.md.\n")
+    run_dir.report_path.write_text(text)
+    return str(run_dir.report_path)
+
+
+EXPERIMENT = Experiment(
+    name="kl_estimators",
+    description="KL estimators k1/k2/k3 in reward/loss/both for LLM RL (arXiv 2512.21852), "
+                "on-policy or asynchronous",
+    config_cls=KLEstimatorsConfig,
+    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    run=run,
+    report=report,
+)

@@ -1,0 +1,283 @@
+"""lm_pretrain: train a small decoder from scratch on generated task corpora, save it in HF format.
+
+RL on LLMs starts from a model that already answers in the expected format. At ``cpu``
+scale there is no such checkpoint to download, so this experiment makes one: a Qwen3 / Qwen2
+/ Llama decoder of a few hundred thousand to a few million parameters, trained with
+next-token cross-entropy
+
+    L(theta) = - sum_{b,t} m_bt log p_theta(x_{b,t+1} | x_{b,<=t}) / sum_{b,t} m_bt
+
+on ``prompt + worked solution`` texts (arithmetic and Countdown, :mod:`llm_rl.tasks`), with
+``m`` on the completion tokens (``loss_on=completion``) or on every token. It reports greedy
+accuracy on held-out problems (graded by the tasks' verifiers) and writes ``model/``
+(``config.json``, ``model.safetensors``, tokenizer) that :func:`llm_rl.models.from_pretrained`
+and transformers both load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.registry import Experiment, RunContext, RunResult, UserError
+from trainkit import plots
+from trainkit.config import Config, field, load_json
+from trainkit.guards import GuardState, guarded_update, init_guard
+from trainkit.loop import LoopSettings, count_params, fit
+from trainkit.run import RunDir, final_metrics, read_json
+
+FAMILIES = ("qwen3", "qwen2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    family: str = field("qwen3", choices=FAMILIES)
+    hidden_size: int = field(64, ge=8)
+    intermediate_size: int = field(192, ge=8)
+    num_hidden_layers: int = field(2, ge=1)
+    num_attention_heads: int = field(4, ge=1)
+    num_key_value_heads: int = field(2, ge=1)
+    head_dim: int = field(16, ge=2)
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    tasks: tuple[str, ...] = field(("arithmetic",), help="subset of: arithmetic, countdown")
+    num_train: int = field(4096, ge=1, help="training problems (fixed set)")
+    num_eval: int = field(64, ge=1, help="held-out problems for greedy accuracy")
+    max_ops: int = field(1, ge=1, help="arithmetic: operators per expression")
+    max_value: int = field(9, ge=1, help="arithmetic: largest operand")
+    countdown_numbers: int = field(3, ge=2)
+    seq_len: int = field(48, ge=8, help="tokens per training sequence (longer ones are cut)")
+    loss_on: str = field("completion", choices=("completion", "all"))
+
+    def validate(self):
+        for task in self.tasks:
+            if task not in ("arithmetic", "countdown"):
+                raise self.invalid("tasks", "each must be 'arithmetic' or 'countdown'")
+        if not self.tasks:
+            raise self.invalid("tasks", "must name at least one task")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    steps: int = field(300, ge=1)
+    batch_size: int = field(32, ge=1)
+    lr: float = field(3e-3, gt=0, le=1)
+    warmup_steps: int = field(30, ge=0)
+    weight_decay: float = field(0.01, ge=0)
+    clip_norm: float = field(1.0, gt=0)
+    chunk_size: int = field(50, ge=1)
+    save_every: int = field(500, ge=1)
+    eval_every: int = field(150, ge=1)
+    max_new_tokens: int = field(24, ge=1, help="generation budget for evaluation")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMPretrainConfig(Config):
+    seed: int = field(0, ge=0)
+    model: ModelConfig = field(factory=ModelConfig)
+    data: DataConfig = field(factory=DataConfig)
+    train: TrainConfig = field(factory=TrainConfig)
+
+
+def smoke() -> LMPretrainConfig:
+    return LMPretrainConfig(data=DataConfig(num_train=512, num_eval=16),
+                            train=TrainConfig(steps=60, chunk_size=30, eval_every=60))
+
+
+def cpu() -> LMPretrainConfig:
+    return LMPretrainConfig(
+        model=ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                          head_dim=32),
+        data=DataConfig(num_train=20000, num_eval=128, max_ops=2, max_value=20, seq_len=64),
+        train=TrainConfig(steps=3000, batch_size=64, lr=2e-3, warmup_steps=100, chunk_size=250,
+                          save_every=1000, eval_every=1000, max_new_tokens=40))
+
+
+def paper() -> LMPretrainConfig:
+    return LMPretrainConfig(
+        model=ModelConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+        data=DataConfig(tasks=("arithmetic", "countdown"), num_train=500_000, num_eval=1024,
+                        max_ops=3, max_value=100, countdown_numbers=4, seq_len=96),
+        train=TrainConfig(steps=50_000, batch_size=256, lr=1e-3, warmup_steps=1000,
+                          chunk_size=500, save_every=5000, eval_every=5000, max_new_tokens=64))
+
+
+def model_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
+    from llm_rl.models import LlamaConfig, Qwen2Config, Qwen3Config
+
+    cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}[cfg.family]
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "family"}
+    try:
+        return cls.tiny(**fields, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    except ValueError as err:  # ConfigError from the family's own validation
+        raise UserError(f"model: {err}") from None
+
+
+def build_data(cfg: LMPretrainConfig, tokenizer):
+    from llm_rl import tasks
+    from llm_rl.tokenization import encode_sequences
+
+    d = cfg.data
+
+    def problems(n, seed):
+        out = []
+        for i, task in enumerate(d.tasks):
+            count = n // len(d.tasks) + (1 if i < n % len(d.tasks) else 0)
+            kw = ({"max_ops": d.max_ops, "max_value": d.max_value} if task == "arithmetic"
+                  else {"num_numbers": d.countdown_numbers})
+            out += tasks.make_problems(task, count, seed * 1000 + i, **kw)
+        return out
+
+    train = problems(d.num_train, cfg.seed)
+    held_out = problems(d.num_eval, cfg.seed + 7919)
+    batch = encode_sequences(tokenizer, [p.prompt for p in train], [p.solution for p in train],
+                             max_length=d.seq_len)
+    if d.loss_on == "all":
+        batch["loss_mask"] = batch["attention_mask"].copy()
+        batch["loss_mask"][:, 0] = 0
+    return batch, held_out
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    guard: GuardState
+    key: jax.Array
+    step: jax.Array
+
+
+def next_token_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of ids[:, t+1] given logits[:, t] over positions where
+    loss_mask[:, t+1] == 1."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(picked * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
+    from llm_rl import tasks
+    from llm_rl.models import save_pretrained
+    from llm_rl.models.checkpoint import family_of_config
+    from llm_rl.sampling import generate
+    from llm_rl.tokenization import char_tokenizer, encode_prompts, save_tokenizer
+
+    if ctx.seeds != 1:
+        raise UserError("lm_pretrain trains one model; run it once per seed (--set seed=N)")
+    t = cfg.train
+    tokenizer = char_tokenizer()
+    mcfg = model_config(cfg.model, len(tokenizer), tokenizer)
+    data, held_out = build_data(cfg, tokenizer)
+    ids = jnp.asarray(data["input_ids"])
+    mask = jnp.asarray(data["attention_mask"])
+    loss_mask = jnp.asarray(data["loss_mask"])
+    n_train = ids.shape[0]
+
+    model_cls = family_of_config(mcfg).model_class
+    key = jax.random.key(cfg.seed)
+    model = model_cls(mcfg, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1),
+                                                  max(t.steps, t.warmup_steps + 1))
+    optimizer = optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                            optax.adamw(schedule, weight_decay=t.weight_decay))
+
+    def loss_fn(p, b_ids, b_mask, b_loss_mask):
+        logits = nnx.merge(graphdef, p)(b_ids, b_mask)
+        return next_token_loss(logits, b_ids, b_loss_mask)
+
+    def step(state: TrainState, _):
+        idx = jax.random.randint(jax.random.fold_in(state.key, state.step), (t.batch_size,), 0, n_train)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, ids[idx], mask[idx], loss_mask[idx])
+        params, opt_state, guard, gm = guarded_update(optimizer, grads, state.opt_state,
+                                                      state.params, loss, state.guard)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), **gm}
+        return TrainState(params, opt_state, guard, state.key, state.step + 1), metrics
+
+    chunk = jax.jit(lambda s, n: jax.lax.scan(step, s, None, length=n), static_argnums=1,
+                    donate_argnums=0)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in held_out])
+
+    def evaluate(state: TrainState) -> dict:
+        out = generate(nnx.merge(graphdef, state.params), prompt_ids, prompt_mask,
+                       jax.random.key(0), max_new_tokens=t.max_new_tokens, greedy=True,
+                       eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(np.asarray(out.tokens), skip_special_tokens=True)
+        rewards = [tasks.grade(text, p) for text, p in zip(texts, held_out)]
+        formatted = [tasks.extract_answer(text) is not None for text in texts]
+        return {"eval_accuracy": np.mean(rewards), "eval_formatted": np.mean(formatted)}
+
+    state = TrainState(params, optimizer.init(params), init_guard(), jax.random.fold_in(key, 1),
+                       jnp.zeros((), jnp.int32))
+    settings = LoopSettings(num_steps=t.steps, chunk_size=t.chunk_size, save_every=t.save_every,
+                            key_metric="loss", desc="lm_pretrain", eval_every=t.eval_every)
+    state, logger = fit(ctx.run_dir, state, chunk, settings, resume=ctx.resume, evaluate=evaluate)
+    logger.close()
+
+    final_model = nnx.merge(graphdef, state.params)
+    out_dir = ctx.run_dir.path / "model"
+    save_pretrained(final_model, mcfg, out_dir)
+    save_tokenizer(tokenizer, out_dir)
+    samples = generate(final_model, prompt_ids[:8], prompt_mask[:8], jax.random.key(0),
+                       max_new_tokens=t.max_new_tokens, greedy=True,
+                       eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(np.asarray(samples.tokens), skip_special_tokens=True)
+    (ctx.run_dir.path / "samples.md").write_text("\n".join(
+        f"- `{p.prompt.strip()!r}` -> `{text.strip()!r}` (reference `{p.answer}`)"
+        for p, text in zip(held_out[:8], texts)) + "\n")
+    metrics = final_metrics(ctx.run_dir.read_metrics())
+    metrics = {k: metrics[k] for k in ("loss", "eval_accuracy", "eval_formatted", "nonfinite_total")
+               if k in metrics}
+    metrics["num_params"] = count_params(state.params)
+    return RunResult(params=state.params, metrics=metrics, steps=t.steps)
+
+
+def report(run_dir: RunDir) -> str:
+    cfg = load_json(LMPretrainConfig, run_dir.config_path)
+    rows = run_dir.read_metrics()
+    summary = read_json(run_dir.summary_path) if run_dir.summary_path.exists() else {}
+
+    def curve(key):
+        logged = [r for r in rows if key in r]
+        return [r["step"] for r in logged], np.asarray([r[key] for r in logged], np.float64)
+
+    loss_plot = plots.learning_curves(run_dir.plots_dir / "loss.png", {"loss": curve("loss")},
+                                      ylabel="next-token cross-entropy", logy=True,
+                                      title="lm_pretrain: training loss")
+    acc_plot = plots.learning_curves(run_dir.plots_dir / "accuracy.png",
+                                     {"greedy accuracy": curve("eval_accuracy"),
+                                      "answer formatted": curve("eval_formatted")},
+                                     ylabel="fraction of held-out problems",
+                                     title="lm_pretrain: held-out greedy evaluation")
+    final = summary.get("final", {})
+    samples = run_dir.path / "samples.md"
+    text = (f"# lm_pretrain\n\n{cfg.model.family} decoder, {final.get('num_params', '?')} parameters, "
+            f"trained {cfg.train.steps} steps on {', '.join(cfg.data.tasks)} "
+            f"({cfg.data.num_train} problems); the HF checkpoint is in `model/`.\n\n"
+            + plots.markdown_table([[k, v] for k, v in final.items()], ["metric", "final value"])
+            + f"\n\n![loss]({loss_plot.relative_to(run_dir.path)})\n"
+            f"![accuracy]({acc_plot.relative_to(run_dir.path)})\n\n## Greedy samples\n\n"
+            + (samples.read_text() if samples.exists() else "(none)\n"))
+    run_dir.report_path.write_text(text)
+    return str(run_dir.report_path)
+
+
+EXPERIMENT = Experiment(
+    name="lm_pretrain",
+    description="small decoder trained from scratch on arithmetic/Countdown, saved in HF format",
+    config_cls=LMPretrainConfig,
+    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    run=run,
+    report=report,
+)

@@ -1,0 +1,168 @@
+"""Batched, jitted sampling from the LM zoo with a KV cache.
+
+    out = generate(model, prompt_ids, prompt_mask, key, max_new_tokens=64, temperature=1.0,
+                   top_k=None, top_p=None, greedy=False, eos_ids=(2,), pad_id=0)
+    out.tokens [B, N], out.logprobs [B, N], out.mask [B, N], out.lengths [B]
+
+Prompts are left-padded (``prompt_mask`` 1 on real tokens), so every row's last prompt token
+sits in the last column and all rows decode in lockstep. Positions count real tokens only
+(``cumsum(mask) - 1``), as in training. The cache holds keys/values for ``P + N`` slots;
+prefill writes the prompt in one pass, then each decoding step writes one slot.
+
+Sampling distribution, per step: logits / temperature, then top-k (keep the k largest), then
+top-p (keep the smallest set of most likely tokens whose probability reaches p); a token is
+drawn from the renormalised result and ``logprobs`` holds its log-probability under exactly
+that distribution (what PPO's old-policy ratio needs). With ``greedy=True`` the argmax of the
+raw logits is taken and ``logprobs`` is the log-softmax of the raw logits at that token.
+
+After a row emits an EOS id it is finished: later tokens are ``pad_id`` with mask 0 (the EOS
+itself has mask 1). Decoding stops early once every row has finished.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm_rl.models.layers import causal_padding_mask, default_positions
+
+
+class GenerationOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32, pad_id after EOS
+    logprobs: jax.Array  # [B, N] float32, 0 where mask is 0
+    mask: jax.Array  # [B, N] int32, 1 up to and including EOS
+    lengths: jax.Array  # [B] number of generated tokens (incl. EOS)
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array
+
+
+def init_cache(cfg, batch: int, slots: int, dtype: Any) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def forward_cached(model, ids: jax.Array, positions: jax.Array, key_mask: jax.Array,
+                   cache: KVCache, write_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Logits [B, T, V] (float32) for ``ids`` [B, T] written at cache slots
+    ``write_index .. write_index + T - 1``; queries attend to cache slots ``<= their own`` that
+    ``key_mask`` [B, S] marks as real. Same layers as ``model(...)``, so outputs match it."""
+    decoder = model.model
+    mask = causal_padding_mask(key_mask, ids.shape[1], write_index)
+    x = decoder.embed_tokens(ids.astype(jnp.int32))
+    ks, vs = [], []
+    for i, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        q, k, v = attn.project(layer.input_layernorm(x), positions)
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k.dtype), write_index, 1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v.dtype), write_index, 1)
+        ks.append(k_all)
+        vs.append(v_all)
+        x = x + attn.attend(q, k_all, v_all, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    h = decoder.norm(x)
+    logits = decoder.embed_tokens.attend(h) if model.lm_head is None else model.lm_head(h, out_dtype=jnp.float32)
+    return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
+def process_logits(logits: jax.Array, temperature: float, top_k: int | None,
+                   top_p: float | None) -> jax.Array:
+    """Log-probabilities [B, V] of the sampling distribution (masked tokens at -inf)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logp, axis=-1)
+        sorted_logp = jnp.take_along_axis(logp, order, axis=-1)
+        mass_before = jnp.cumsum(jnp.exp(sorted_logp), axis=-1) - jnp.exp(sorted_logp)
+        keep_sorted = mass_before < top_p  # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
+        logp = jax.nn.log_softmax(jnp.where(keep, logp, -jnp.inf), axis=-1)
+    return logp
+
+
+def _check(temperature, top_k, top_p, max_new_tokens):
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+
+def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, greedy: bool = False, eos_ids: Sequence[int] = (),
+             pad_id: int = 0) -> GenerationOutput:
+    """Sample continuations of left-padded prompts (see the module docstring). ``model`` is a
+    :class:`~llm_rl.models.layers.CausalLM`; the work runs in one jitted function of its
+    parameters (compiled once per shape and setting)."""
+    _check(temperature, top_k, top_p, max_new_tokens)
+    graphdef, params = nnx.split(model)
+    return _generate(graphdef, params, jnp.asarray(prompt_ids, jnp.int32),
+                     jnp.asarray(prompt_mask, jnp.int32), key, max_new_tokens, float(temperature),
+                     top_k, top_p, bool(greedy), tuple(int(e) for e in eos_ids), int(pad_id))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
+def _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_k,
+              top_p, greedy, eos_ids, pad_id) -> GenerationOutput:
+    chex.assert_rank([prompt_ids, prompt_mask], 2)
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_ids.shape
+    n = max_new_tokens
+    dtype = model.model.embed_tokens.embedding[...].dtype
+    cache = init_cache(model.config, b, p + n, dtype)
+    key_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), jnp.int32)], axis=1)
+    positions = default_positions(prompt_mask)
+    logits, cache = forward_cached(model, prompt_ids, positions, key_mask, cache, 0)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def pick(logits_last, step_key):
+        if greedy:
+            token = jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
+            logp_all = jax.nn.log_softmax(logits_last.astype(jnp.float32), axis=-1)
+        else:
+            logp_all = process_logits(logits_last, temperature, top_k, top_p)
+            token = jax.random.categorical(step_key, logp_all, axis=-1).astype(jnp.int32)
+        return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+
+    class Carry(NamedTuple):
+        t: jax.Array
+        logits_last: jax.Array
+        cache: KVCache
+        position: jax.Array  # [B] position of the next token
+        done: jax.Array  # [B] finished before this step
+        tokens: jax.Array
+        logprobs: jax.Array
+        mask: jax.Array
+
+    def step(c: Carry) -> Carry:
+        token, logp = pick(c.logits_last, jax.random.fold_in(key, c.t))
+        live = jnp.logical_not(c.done)
+        token = jnp.where(live, token, pad_id)
+        tokens = c.tokens.at[:, c.t].set(token)
+        logprobs = c.logprobs.at[:, c.t].set(jnp.where(live, logp, 0.0))
+        mask = c.mask.at[:, c.t].set(live.astype(jnp.int32))
+        done = c.done | (live & jnp.isin(token, eos))
+        logits_next, cache = forward_cached(model, token[:, None], c.position[:, None], key_mask,
+                                            c.cache, p + c.t)
+        return Carry(c.t + 1, logits_next[:, -1], cache, c.position + 1, done, tokens, logprobs, mask)
+
+    init = Carry(jnp.zeros((), jnp.int32), logits[:, -1], cache, positions[:, -1] + 1,
+                 jnp.zeros((b,), bool), jnp.full((b, n), pad_id, jnp.int32),
+                 jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.int32))
+    final = jax.lax.while_loop(lambda c: (c.t < n) & jnp.logical_not(jnp.all(c.done)), step, init)
+    return GenerationOutput(final.tokens, final.logprobs, final.mask, final.mask.sum(axis=1))
