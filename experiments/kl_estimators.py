@@ -49,7 +49,7 @@ class RLConfig(Config):
     iterations: int = field(20, ge=1, help="policy updates per configuration")
     num_prompts: int = field(8, ge=1)
     group_size: int = field(4, ge=2)
-    max_new_tokens: int = field(16, ge=1)
+    max_new_tokens: int = field(24, ge=1, help="response budget (a 1-op worked answer is <= 19 chars)")
     temperature: float = field(1.0, gt=0)
     lr: float = field(1e-4, gt=0, le=1)
     beta: float = field(0.1, ge=0, help="KL coefficient")
@@ -99,13 +99,14 @@ def smoke() -> KLEstimatorsConfig:
 
 
 def cpu() -> KLEstimatorsConfig:
+    """The grid's core at laptop scale; run with ``--seeds 3`` (about 45 minutes on 2 cores)."""
+    pretrain = lm_pretrain.cpu()
+    pretrain = dataclasses.replace(pretrain, train=dataclasses.replace(
+        pretrain.train, steps=1500, save_every=500, eval_every=500))
     return KLEstimatorsConfig(
-        base=BaseConfig(pretrain=lm_pretrain.LMPretrainConfig(
-            data=lm_pretrain.DataConfig(num_train=8192, num_eval=64),
-            train=lm_pretrain.TrainConfig(steps=1500, batch_size=32, lr=3e-3, chunk_size=250,
-                                          save_every=500, eval_every=500))),
-        rl=RLConfig(iterations=150, num_prompts=16, group_size=4, lr=3e-4, beta=0.1,
-                    eval_every=50, chunk_size=25, eval_problems=64))
+        base=BaseConfig(pretrain=pretrain),
+        rl=RLConfig(iterations=120, num_prompts=16, group_size=4, max_new_tokens=24, lr=2e-4,
+                    beta=0.2, max_value=20, eval_every=40, chunk_size=20, eval_problems=64))
 
 
 def paper() -> KLEstimatorsConfig:
@@ -164,7 +165,7 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
                  for _ in range(r.eval_problems)]
     ood = [tasks.arithmetic_problem(eval_rng, min_ops=r.ood_max_ops, max_ops=r.ood_max_ops,
                                     max_value=r.max_value) for _ in range(r.eval_problems)]
-    ood_tokens = r.max_new_tokens + 8 * (r.ood_max_ops - r.max_ops)
+    ood_tokens = r.max_new_tokens + 16 * max(r.ood_max_ops - r.max_ops, 0)  # longer worked solutions
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
 
     def evaluate(state):

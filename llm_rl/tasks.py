@@ -248,6 +248,27 @@ def grade_numeric(response: str, reference: str) -> float:
     return float(got is not None and normalize_number(got) == normalize_number(reference))
 
 
+SAMPLE_DIR = Path(__file__).parent / "data"
+
+
+def sample_file(fmt: str) -> Path:
+    """A small shipped file in the public format ``fmt`` (gsm8k, math, mbpp)."""
+    return SAMPLE_DIR / f"{fmt}_sample.jsonl"
+
+
+def final_answer(response: str) -> str | None:
+    """A model's final answer: after the last ``####``, else the last ``\\boxed{}``."""
+    return extract_answer(response) or boxed_answer(response)
+
+
+def grade_math(response: str, reference: str) -> float:
+    """1.0 if the response's final answer is equivalent to ``reference``
+    (:func:`llm_rl.math_answers.math_equal`: numbers, fractions, equivalent forms)."""
+    from llm_rl.math_answers import math_equal
+
+    return float(math_equal(final_answer(response), reference))
+
+
 def corpus(problems: Sequence[Problem]) -> list[str]:
     """Prompt + worked solution texts for supervised pretraining."""
     return [p.prompt + p.solution for p in problems]

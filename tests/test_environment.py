@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-TEST_DEPENDENCIES = ("torch", "transformers", "tokenizers", "safetensors", "hypothesis", "chex",
+TEST_DEPENDENCIES = ("torch", "transformers", "tokenizers", "safetensors", "sympy", "hypothesis", "chex",
                      "nbclient", "orbax.checkpoint", "tensorboardX")
 
 
