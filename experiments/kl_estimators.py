@@ -243,14 +243,74 @@ def report(run_dir: RunDir) -> str:
     table = plots.markdown_table(rows, ["configuration", "reward (last 5)", "KL k3 (last 5)",
                                         "in-domain acc.", "OOD acc.", "skipped steps"])
     r = cfg.rl
+    findings = _findings(run_dir, names)
     text = (f"# kl_estimators\n\nGRPO-style RL ({r.advantage} advantages, group {r.group_size}, "
             f"{r.num_prompts} prompts/iteration, {r.iterations} iterations, beta {r.beta}, "
             f"normalization {r.normalization}, staleness {r.staleness}) from the base model, one run per "
             f"configuration and seed (means over seeds; curves with 95% CI when seeds > 1).\n\n"
             f"{table}\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures)
-            + "\n\nExact gradient bias of each configuration: docs/kl_estimators.md.\n")
+            + "\n\n" + findings
+            + "\n\nExact gradient bias of each configuration: docs/kl_estimators.md. OOD: arithmetic "
+            f"with {r.ood_max_ops} operators, outside the RL training distribution "
+            f"({r.max_ops} operator(s)).\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)
+
+
+UNBIASED = ("k1-reward", "k1-both", "k3-both")  # E[gradient] = grad KL (docs/kl_estimators.md)
+BIASED = ("k1-loss", "k3-reward", "k3-loss", "k2-reward", "k2-loss", "k2-both")
+
+
+def _final_values(run_dir: RunDir, names, key) -> list[float]:
+    out = []
+    for name in names:
+        for p in sorted((run_dir.path / "configs").glob(f"{name}-s*")):
+            if (p / "summary.json").exists():
+                final = read_json(p / "summary.json")["final"]
+                if key in final:
+                    out.append(float(final[key]))
+    return out
+
+
+def _findings(run_dir: RunDir, names) -> str:
+    """The paper's claims, checked against this run's numbers (mean +- std over runs)."""
+    unbiased = [n for n in names if n in UNBIASED]
+    biased = [n for n in names if n in BIASED]
+    lines = ["## Does the paper's finding reproduce at this scale?", ""]
+    if not unbiased or not biased:
+        return "\n".join(lines + ["Needs at least one unbiased (k1-reward, k1-both, k3-both) and one "
+                                  "biased (k1-loss, k3-reward, k3-loss, k2-*) configuration in the grid."])
+
+    def stat(group, key):
+        v = _final_values(run_dir, group, key)
+        return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), 0.0, 0)
+
+    rows = []
+    for key, label in (("eval_accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
+                       ("kl_k3", "KL to reference (k3)"), ("grad_norm", "gradient norm")):
+        (mu_u, sd_u, n_u), (mu_b, sd_b, n_b) = stat(unbiased, key), stat(biased, key)
+        rows.append([label, f"{mu_u:.3f} +- {sd_u:.3f} (n={n_u})", f"{mu_b:.3f} +- {sd_b:.3f} (n={n_b})",
+                     f"{mu_u - mu_b:+.3f}"])
+    lines.append(plots.markdown_table(rows, ["final (last 5 iterations / last eval)",
+                                             f"unbiased: {', '.join(unbiased)}",
+                                             f"biased: {', '.join(biased)}", "difference"]))
+    acc_u, acc_b = stat(unbiased, "eval_accuracy"), stat(biased, "eval_accuracy")
+    ood_u, ood_b = stat(unbiased, "ood_accuracy"), stat(biased, "ood_accuracy")
+    pooled = lambda a, b: np.sqrt(a[1] ** 2 / max(a[2], 1) + b[1] ** 2 / max(b[2], 1))
+    verdict = []
+    for label, u, b in (("in-domain", acc_u, acc_b), ("out-of-domain", ood_u, ood_b)):
+        gap, se = u[0] - b[0], pooled(u, b)
+        if gap > 2 * se and gap > 0:
+            verdict.append(f"{label}: unbiased configurations are more accurate by {gap:.3f} "
+                           f"(> 2 standard errors, {se:.3f}): consistent with the paper.")
+        elif gap < -2 * se:
+            verdict.append(f"{label}: biased configurations are more accurate by {-gap:.3f} "
+                           f"(> 2 standard errors, {se:.3f}): the paper's finding does not reproduce here.")
+        else:
+            verdict.append(f"{label}: the difference {gap:+.3f} is within 2 standard errors ({se:.3f}): "
+                           "no clear effect at this scale.")
+    lines += ["", *[f"- {v}" for v in verdict]]
+    return "\n".join(lines)
 
 
 EXPERIMENT = Experiment(
