@@ -1,0 +1,212 @@
+"""Neuron-health diagnostics: tau-dormant (ReDo) and GraMa scores, norms, effective rank.
+
+Pure functions on arrays and pytrees; every one is jittable and returns arrays only (no Python
+branching on values), so :func:`health_report` can run inside a jitted training step and its
+dict goes straight to the metrics logger.
+
+References
+----------
+* ReDo: Sokar, Agarwal, Castro, Evci (2023), "The Dormant Neuron Phenomenon in Deep
+  Reinforcement Learning", arXiv 2302.12902, Definition 3.1.
+* GraMa / ReGraMa: Liu, Wu, Obando-Ceron, Castro, Courville, Pan (2025), "Measure gradients, not
+  activations! Enhancing neuronal activity in deep reinforcement learning", arXiv 2505.24061.
+* srank: Kumar, Agarwal, Ghosh, Levine (2021), "Implicit Under-Parameterization Inhibits
+  Data-Efficient Deep Reinforcement Learning", arXiv 2010.14498 (the srank definition).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrl_suite.networks import NeuronLayer, Path, leaf_paths, path_name, tree_get
+
+
+def _normalise(per_neuron: jax.Array, eps: float = 0.0) -> jax.Array:
+    """``v_i / (mean_k v_k + eps)``; a zero denominator (every ``v`` is 0) gives scores 0."""
+    denom = jnp.mean(per_neuron) + eps
+    return per_neuron / jnp.where(denom > 0, denom, 1.0)
+
+
+def tau_dormant_scores(activations: jax.Array) -> jax.Array:
+    """ReDo's per-neuron activity score (Sokar et al. 2023, Definition 3.1).
+
+    For a layer with ``N`` neurons and post-activation outputs ``h_i(x)``::
+
+        s_i = E_x |h_i(x)| / ( (1/N) sum_k E_x |h_k(x)| )
+
+    ``E_x`` is the mean over the batch, and also over the spatial axes for convolutional
+    features (``[batch, H, W, C]``: neurons are channels). Scores average to 1 over the layer
+    and are invariant to rescaling all activations; a neuron that is always 0 scores exactly 0.
+    A layer whose outputs are all 0 scores 0 everywhere (the 0/0 limit: every neuron dead).
+
+    Args:
+      activations: ``[batch, neurons]``, ``[batch, T, neurons]`` or ``[batch, H, W, neurons]``.
+    Returns:
+      ``[neurons]`` scores.
+    """
+    chex.assert_rank(activations, {2, 3, 4})
+    per_neuron = jnp.mean(jnp.abs(activations), axis=tuple(range(activations.ndim - 1)))
+    return _normalise(per_neuron)
+
+
+def grama_scores(grad: jax.Array, eps: float = 0.0) -> jax.Array:
+    """GraMa: the gradient-magnitude activity score of each neuron (Liu et al. 2025).
+
+    For a Dense kernel ``W`` of shape ``[in, out]`` (neuron ``j`` = output ``j``; a conv kernel
+    ``[kh, kw, in, out]`` is reduced over all axes but the last)::
+
+        g_j     = mean_i |dL/dW_ij|
+        score_j = g_j / ( (1/N) sum_k g_k + eps )
+
+    For a per-neuron vector (a LayerNorm scale ``gamma`` of shape ``[out]``),
+    ``g_j = |dL/dgamma_j|``. *Decisions*: the paper normalises a neuron's gradient magnitude by
+    its layer's mean, as ReDo does with activations; we measure that magnitude on the parameter
+    gradients of the neuron's incoming weights (as public JAX re-implementations of ReGraMa do).
+    ``eps`` defaults to 0 (a re-implementation we read adds 1e-8) so that scores are exactly
+    scale-invariant even for tiny gradients; a layer whose gradients are all 0 scores 0
+    everywhere (no neuron can learn).
+
+    Args:
+      grad: ``[out]``, ``[in, out]`` or ``[kh, kw, in, out]`` gradient.
+    Returns:
+      ``[out]`` scores.
+    """
+    chex.assert_rank(grad, {1, 2, 3, 4})
+    per_neuron = jnp.abs(grad)
+    if grad.ndim > 1:
+        per_neuron = jnp.mean(per_neuron, axis=tuple(range(grad.ndim - 1)))
+    return _normalise(per_neuron, eps)
+
+
+def dormant_mask(scores: jax.Array, tau: float | jax.Array) -> jax.Array:
+    """``scores <= tau``: the tau-dormant (or GraMa-inactive) neurons, as booleans."""
+    chex.assert_rank(scores, 1)
+    return scores <= tau
+
+
+def inactive_fraction(scores: jax.Array, tau: float | jax.Array) -> jax.Array:
+    """Fraction of neurons with ``score <= tau`` (ReDo's dormant ratio for tau-dormant scores)."""
+    return jnp.mean(dormant_mask(scores, tau).astype(jnp.float32))
+
+
+def srank(features: jax.Array, delta: float = 0.01) -> jax.Array:
+    """Effective rank of a feature matrix (Kumar et al. 2021)::
+
+        srank_delta(Phi) = min { k : sum_{i<=k} sigma_i / sum_i sigma_i >= 1 - delta }
+
+    with ``sigma_1 >= sigma_2 >= ...`` the singular values of ``Phi`` (``[batch, d]``). A zero
+    matrix has srank 0. Returns an int32 scalar."""
+    chex.assert_rank(features, 2)
+    sigma = jnp.linalg.svd(features.astype(jnp.float32), compute_uv=False)
+    cum = jnp.cumsum(sigma)
+    total = cum[-1]
+    k = jnp.argmax(cum >= (1.0 - delta) * total) + 1
+    return jnp.where(total > 0, k, 0).astype(jnp.int32)
+
+
+def layer_norms(tree: Any) -> dict[str, jax.Array]:
+    """L2 norm of each layer's parameters (or gradients): leaves are grouped by their path
+    without the last key, so ``hidden/0/dense`` holds the kernel and the bias of that Dense."""
+    groups: dict[str, list[jax.Array]] = {}
+    for path, leaf in leaf_paths(tree).items():
+        groups.setdefault(path_name(path[:-1]), []).append(leaf)
+    return {name: optax.global_norm(leaves) for name, leaves in groups.items()}
+
+
+def redo_scores(activations: Mapping[str, jax.Array],
+                layers: Sequence[NeuronLayer]) -> dict[str, jax.Array]:
+    """tau-dormant scores of every layer ReDo can reset (those with known outgoing weights)."""
+    return {l.name: tau_dormant_scores(activations[l.name]) for l in layers if l.isolable}
+
+
+def _grama_path(layer: NeuronLayer, source: str) -> Path:
+    if source not in ("auto", "kernel", "norm_scale"):
+        raise ValueError(f"source={source!r}: must be 'auto', 'kernel' or 'norm_scale'")
+    if source == "kernel" or layer.norm_scale is None:
+        return layer.kernel
+    return layer.norm_scale
+
+
+def grama_layer_scores(grads: Any, layers: Sequence[NeuronLayer],
+                       source: str = "auto") -> dict[str, jax.Array]:
+    """GraMa scores of every neuron layer from the gradient pytree.
+
+    ``source="kernel"`` scores neurons by the gradient of their incoming Dense kernel,
+    ``"norm_scale"`` by the gradient of the LayerNorm scale ``gamma`` on their outputs, and
+    ``"auto"`` (default) uses ``gamma`` where the layer has a LayerNorm and the kernel otherwise.
+
+    *Why auto*: with a LayerNorm between the Dense and the activation, the kernel gradient of a
+    neuron whose activation is always 0 is *not* 0, because the LayerNorm Jacobian mixes every
+    neuron's output gradient into every neuron's pre-normalisation gradient; ``dL/dgamma_j =
+    sum_x dL/dy_j(x) * xhat_j(x)`` only sees neuron ``j``'s own output gradient, so it is exactly 0
+    for a dead neuron (tests/jaxrl_suite/test_health.py shows both)."""
+    return {l.name: grama_scores(tree_get(grads, _grama_path(l, source))) for l in layers}
+
+
+def layer_health(layers: Sequence[NeuronLayer], activations: Mapping[str, jax.Array], grads: Any,
+                 *, tau_dormant: float = 0.1, tau_grama: float = 0.1) -> dict[str, jax.Array]:
+    """Per-layer dormant and GraMa-inactive fractions, and their neuron-weighted totals.
+
+    Keys: ``dormant/<layer>`` (tau-dormant, ``score <= tau_dormant``), ``dead/<layer>`` (tau-dormant
+    score exactly 0), ``grama/<layer>`` (GraMa ``<= tau_grama``, ``source="auto"`` of
+    :func:`grama_layer_scores`), ``grama_kernel/<layer>`` (GraMa from the kernel gradient, only for
+    layers with a LayerNorm, where it differs), and ``dormant/all``, ``dead/all``, ``grama/all``."""
+    out: dict[str, jax.Array] = {}
+    totals = {"dormant": 0.0, "grama": 0.0, "dead": 0.0}
+    n_all = 0
+    for l in layers:
+        s_act = tau_dormant_scores(activations[l.name])
+        s_grad = grama_scores(tree_get(grads, _grama_path(l, "auto")))
+        fracs = {"dormant": inactive_fraction(s_act, tau_dormant),
+                 "grama": inactive_fraction(s_grad, tau_grama),
+                 "dead": inactive_fraction(s_act, 0.0)}
+        for key, value in fracs.items():
+            out[f"{key}/{l.name}"] = value
+            totals[key] = totals[key] + value * l.width
+        if l.norm_scale is not None:
+            out[f"grama_kernel/{l.name}"] = inactive_fraction(
+                grama_scores(tree_get(grads, l.kernel)), tau_grama)
+        n_all += l.width
+    for key, value in totals.items():
+        out[f"{key}/all"] = jnp.asarray(value / max(n_all, 1), jnp.float32)
+    return out
+
+
+def health_report(graphdef: nnx.GraphDef, params: Any, x: jax.Array, grads: Any, *,
+                  tau_dormant: float = 0.1, tau_grama: float = 0.1,
+                  srank_delta: float = 0.01) -> dict[str, jax.Array]:
+    """Every health metric of a network (from :mod:`jaxrl_suite.networks`) on one batch.
+
+    Runs ``nnx.merge(graphdef, params)(x, return_activations=True)`` and returns a flat dict of
+    scalar arrays, safe to compute inside ``jax.jit``/``lax.scan`` and to log:
+
+    * ``dormant/<layer>``, ``dead/<layer>``, ``grama/<layer>``, ``grama_kernel/<layer>`` and the
+      ``/all`` totals (see :func:`layer_health`);
+    * ``srank``: effective rank of the head's input features on ``x``;
+    * ``grad_norm/<module>``, ``weight_norm/<module>`` (:func:`layer_norms`) and their
+      ``/global`` norms over the whole tree.
+
+    ``grads`` is the gradient pytree of the loss with respect to ``params`` (same structure).
+    """
+    model = nnx.merge(graphdef, params)
+    _, acts = model(x, return_activations=True)
+    out = layer_health(model.neuron_layers(), acts, grads, tau_dormant=tau_dormant,
+                       tau_grama=tau_grama)
+    out["srank"] = srank(acts["features"].reshape(-1, acts["features"].shape[-1]), srank_delta)
+    for prefix, tree in (("grad_norm", grads), ("weight_norm", params)):
+        for name, value in layer_norms(tree).items():
+            out[f"{prefix}/{name}"] = value
+        out[f"{prefix}/global"] = optax.global_norm(tree)
+    return out
+
+
+__all__ = [
+    "tau_dormant_scores", "grama_scores", "dormant_mask", "inactive_fraction", "srank",
+    "layer_norms", "redo_scores", "grama_layer_scores", "layer_health", "health_report",
+]

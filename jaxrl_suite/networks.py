@@ -1,0 +1,319 @@
+"""Value/policy networks for deep RL in Flax NNX, with the bookkeeping neuron-level tools need.
+
+Three kinds, one frozen :class:`NetworkConfig` (``kind``, ``depth``, ``width``, ``layer_norm``,
+``activation``, ``kernel_init``) and one constructor :func:`make_network`:
+
+``mlp``
+    ``h_0 = x``, ``h_{l+1} = act(LN(W_l h_l + b_l))`` for ``l < depth``, ``y = W_out h_depth + b``.
+
+``residual`` (BRO-style, Nauman et al. 2024)
+    encoder ``e = act(LN(W_e x + b_e))``, stream ``z_0 = e``; block ``l``:
+    ``u_l = z_l``, ``a_l = act(LN(W_in u_l + b_in))`` (the block's inner neurons),
+    ``r_l = LN(W_out a_l + b_out)``, ``z_{l+1} = z_l + r_l``; ``y = W_head z_depth + b``.
+
+``multiskip`` ("Stable Gradients for Stable Learning at Scale in Deep RL", Castanyer et al.
+2025, arXiv 2506.15544)
+    as ``residual``, but the encoder features are added to every later block's input:
+    ``u_0 = z_0 = e`` and ``u_l = z_l + e`` for ``l >= 1`` (each block sees the encoder output
+    through one addition, so the gradient reaches the encoder from every block directly).
+    *Decision*: block 0 gets ``e`` once, not ``2 e``; the stream itself is the plain residual sum.
+
+``LN`` is LayerNorm when ``layer_norm`` is set and the identity otherwise; ``depth`` counts
+hidden layers for ``mlp`` and residual blocks for the other two. Parameters carry no logical-axis
+metadata yet, so ``trainkit.sharding.param_shardings`` replicates them (fine at RL widths).
+
+Addressing neurons
+------------------
+Every network answers :meth:`neuron_layers` with a tuple of :class:`NeuronLayer`: one entry per
+group of neurons that health metrics score and resets may touch. Each names
+
+* ``name``: the key of its activations in ``model(x, return_activations=True)[1]``; it is the
+  module path joined with ``/`` (``"hidden/0"``, ``"blocks/1/inner"``), so it also says where the
+  parameters live. The activations are the post-activation values (``h_l``, ``e``, ``a_l``), and
+  for a block's output layer ``blocks/<l>/out`` the branch output ``r_l`` added to the stream; the
+  dict also holds ``"features"``, the head's input;
+* ``kernel``, ``bias``, ``norm_scale``, ``norm_bias``: leaf paths of the neurons' *incoming*
+  parameters in the params pytree (``nnx.split(model, nnx.Param)[1]``, or its pure-dict form):
+  neuron ``j`` owns kernel column ``[..., j]`` and entry ``j`` of the others;
+* ``outgoing``: leaf paths of the kernels whose *rows* (axis ``-2``) read these neurons, or
+  ``None`` when the neurons write into a residual stream that every later layer reads (encoder
+  and block outputs): their outgoing weights cannot be isolated, so ReDo may not reset them.
+
+The output head is never a neuron layer, so no reset can touch its columns.
+
+Leaf paths are tuples of dict keys / sequence indices / attribute names as they appear in
+``jax.tree_util.tree_flatten_with_path`` of the params tree, with the ``.value`` step of an
+``nnx.Variable`` dropped: ``("hidden", 0, "dense", "kernel")``. :func:`tree_get` and
+:func:`map_leaves_at` read and rewrite leaves by such paths in any pytree of that structure
+(params, gradients, or the per-parameter moments inside an optax state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trainkit.config import Config, field
+
+Path = tuple[Any, ...]
+Initializer = Callable[..., jax.Array]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+}
+
+# Built once, so that equal configs give equal (and hashable) NeuronLayer descriptions.
+KERNEL_INITS: dict[str, Initializer] = {
+    "lecun_normal": nnx.initializers.lecun_normal(),
+    "he_normal": nnx.initializers.he_normal(),
+    "he_uniform": nnx.initializers.he_uniform(),
+    "xavier_uniform": nnx.initializers.xavier_uniform(),
+    "orthogonal": nnx.initializers.orthogonal(),
+}
+
+KINDS = ("mlp", "residual", "multiskip")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig(Config):
+    kind: str = field("mlp", choices=KINDS,
+                      help="mlp | residual (BRO-style blocks) | multiskip (residual + encoder "
+                           "features added to every block's input)")
+    depth: int = field(2, ge=1, help="hidden layers (mlp) or residual blocks (residual, multiskip)")
+    width: int = field(256, ge=1, help="hidden width (also the residual stream width)")
+    layer_norm: bool = field(False, help="LayerNorm on every hidden Dense's outputs (before the "
+                                         "activation, where there is one)")
+    activation: str = field("relu", choices=tuple(ACTIVATIONS))
+    kernel_init: str = field("lecun_normal", choices=tuple(KERNEL_INITS),
+                             help="initializer of every Dense kernel (ReDo/ReGraMa re-use it)")
+
+    @classmethod
+    def tiny(cls) -> "NetworkConfig":
+        return cls(kind="mlp", depth=2, width=32)
+
+    @classmethod
+    def sac_mlp(cls) -> "NetworkConfig":
+        """The usual 2 x 256 ReLU MLP of SAC/TD3 actors and critics on MuJoCo."""
+        return cls(kind="mlp", depth=2, width=256, activation="relu")
+
+    @classmethod
+    def bro(cls) -> "NetworkConfig":
+        """BroNet-like: residual blocks of width 512 with LayerNorm and ReLU (Nauman et al. 2024,
+        "Bigger, Regularized, Optimistic")."""
+        return cls(kind="residual", depth=2, width=512, layer_norm=True, activation="relu")
+
+    @classmethod
+    def multiskip_deep(cls) -> "NetworkConfig":
+        """A deep multi-skip residual net of the kind scaled in Castanyer et al. (2025)."""
+        return cls(kind="multiskip", depth=8, width=512, layer_norm=True, activation="relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronLayer:
+    """Where one group of neurons lives in the params pytree (see the module docstring)."""
+
+    name: str
+    width: int
+    kernel: Path
+    bias: Path | None
+    norm_scale: Path | None
+    norm_bias: Path | None
+    outgoing: tuple[Path, ...] | None
+    kernel_init: Initializer
+    bias_init: Initializer = nnx.initializers.zeros_init()
+    norm_scale_init: Initializer = nnx.initializers.ones_init()
+    norm_bias_init: Initializer = nnx.initializers.zeros_init()
+
+    @property
+    def isolable(self) -> bool:
+        """True when the outgoing weights are known (ReDo can silence the neurons)."""
+        return self.outgoing is not None
+
+
+# --- pytree paths ---------------------------------------------------------------------------
+
+
+def _key_entry(entry: Any) -> Any:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def normalize_path(keypath: Sequence[Any]) -> Path:
+    """A ``jax.tree_util`` key path as a plain tuple, without the trailing ``.value`` of an
+    ``nnx.Variable`` (so an ``nnx.State`` and its pure-dict form share paths)."""
+    path = list(keypath)
+    while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path.pop()
+    return tuple(_key_entry(e) for e in path)
+
+
+def path_name(path: Path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def leaf_paths(tree: Any) -> dict[Path, Any]:
+    """``{path: leaf}`` for every leaf of ``tree``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {normalize_path(kp): leaf for kp, leaf in flat}
+
+
+def _missing(path: Path, known: Sequence[Path]) -> KeyError:
+    names = [path_name(p) for p in known]
+    close = difflib.get_close_matches(path_name(path), names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(names)}"
+    return KeyError(f"no leaf at path {path_name(path)!r} in this pytree; {hint}")
+
+
+def tree_get(tree: Any, path: Path) -> Any:
+    """The leaf of ``tree`` at ``path`` (KeyError naming close paths if there is none)."""
+    leaves = leaf_paths(tree)
+    if path not in leaves:
+        raise _missing(path, list(leaves))
+    return leaves[path]
+
+
+def map_leaves_at(tree: Any, fns: Mapping[Path, Callable[[Any], Any]]) -> Any:
+    """``tree`` with ``fns[path](leaf)`` at each listed path; every other leaf is returned as is
+    (the same object). Raises KeyError for a path that is not in ``tree``."""
+    leaves = leaf_paths(tree)
+    for path in fns:
+        if path not in leaves:
+            raise _missing(path, list(leaves))
+
+    def visit(keypath, leaf):
+        fn = fns.get(normalize_path(keypath))
+        return leaf if fn is None else fn(leaf)
+
+    return jax.tree_util.tree_map_with_path(visit, tree)
+
+
+# --- modules --------------------------------------------------------------------------------
+
+
+class DenseUnit(nnx.Module):
+    """``LN(W x + b)``: a Dense layer with an optional LayerNorm on its outputs."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, layer_norm: bool, kernel_init: Initializer,
+                 rngs: nnx.Rngs):
+        self.dense = nnx.Linear(in_dim, out_dim, kernel_init=kernel_init,
+                                bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.norm = nnx.LayerNorm(out_dim, rngs=rngs) if layer_norm else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.dense(x)
+        return self.norm(h) if self.norm is not None else h
+
+
+class Network(nnx.Module):
+    """Shared pieces: config, activation, layer descriptions."""
+
+    config: NetworkConfig
+    output_kernel: Path = ("head", "kernel")  # the output layer: never a neuron layer
+    output_bias: Path = ("head", "bias")
+
+    def _act(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.config.activation](x)
+
+    def _layer(self, module_path: Path, outgoing: tuple[Path, ...] | None) -> NeuronLayer:
+        c = self.config
+        return NeuronLayer(
+            name=path_name(module_path), width=c.width,
+            kernel=module_path + ("dense", "kernel"), bias=module_path + ("dense", "bias"),
+            norm_scale=module_path + ("norm", "scale") if c.layer_norm else None,
+            norm_bias=module_path + ("norm", "bias") if c.layer_norm else None,
+            outgoing=outgoing, kernel_init=KERNEL_INITS[c.kernel_init])
+
+
+class MLP(Network):
+    """``kind="mlp"``: see the module docstring."""
+
+    def __init__(self, config: NetworkConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        self.config = config
+        init = KERNEL_INITS[config.kernel_init]
+        dims = [in_dim] + [config.width] * config.depth
+        self.hidden = nnx.List([DenseUnit(a, b, layer_norm=config.layer_norm, kernel_init=init,
+                                          rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.head = nnx.Linear(config.width, out_dim, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x: jax.Array, return_activations: bool = False):
+        acts = {}
+        for i, unit in enumerate(self.hidden):
+            x = self._act(unit(x))
+            acts[f"hidden/{i}"] = x
+        acts["features"] = x
+        out = self.head(x)
+        return (out, acts) if return_activations else out
+
+    def neuron_layers(self) -> tuple[NeuronLayer, ...]:
+        n = self.config.depth
+        nxt = [("hidden", i + 1, "dense", "kernel") for i in range(n - 1)] + [self.output_kernel]
+        return tuple(self._layer(("hidden", i), (nxt[i],)) for i in range(n))
+
+
+class Block(nnx.Module):
+    """Residual branch ``r = LN(W_out act(LN(W_in u)))`` (BRO block)."""
+
+    def __init__(self, width: int, *, layer_norm: bool, kernel_init: Initializer, rngs: nnx.Rngs):
+        self.inner = DenseUnit(width, width, layer_norm=layer_norm, kernel_init=kernel_init,
+                               rngs=rngs)
+        self.out = DenseUnit(width, width, layer_norm=layer_norm, kernel_init=kernel_init,
+                             rngs=rngs)
+
+
+class ResidualMLP(Network):
+    """``kind="residual"`` or ``"multiskip"``: see the module docstring."""
+
+    def __init__(self, config: NetworkConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        self.config = config
+        init = KERNEL_INITS[config.kernel_init]
+        self.encoder = DenseUnit(in_dim, config.width, layer_norm=config.layer_norm,
+                                 kernel_init=init, rngs=rngs)
+        self.blocks = nnx.List([Block(config.width, layer_norm=config.layer_norm,
+                                      kernel_init=init, rngs=rngs) for _ in range(config.depth)])
+        self.head = nnx.Linear(config.width, out_dim, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x: jax.Array, return_activations: bool = False):
+        acts = {}
+        e = self._act(self.encoder(x))
+        acts["encoder"] = e
+        z = e
+        for i, block in enumerate(self.blocks):
+            u = z + e if (self.config.kind == "multiskip" and i > 0) else z
+            a = self._act(block.inner(u))
+            r = block.out(a)
+            acts[f"blocks/{i}/inner"] = a
+            acts[f"blocks/{i}/out"] = r
+            z = z + r
+        acts["features"] = z
+        out = self.head(z)
+        return (out, acts) if return_activations else out
+
+    def neuron_layers(self) -> tuple[NeuronLayer, ...]:
+        layers = [self._layer(("encoder",), None)]
+        for i in range(self.config.depth):
+            reader = ("blocks", i, "out", "dense", "kernel")  # the only reader of the inner neurons
+            layers.append(self._layer(("blocks", i, "inner"), (reader,)))
+            layers.append(self._layer(("blocks", i, "out"), None))
+        return tuple(layers)
+
+
+def make_network(config: NetworkConfig, in_dim: int, out_dim: int, rngs: nnx.Rngs) -> Network:
+    """The network ``config`` describes, mapping ``[..., in_dim]`` to ``[..., out_dim]``.
+
+    ``model(x)`` returns the output; ``model(x, return_activations=True)`` returns
+    ``(output, {layer name: post-activation hidden values, "features": input of the head})``;
+    ``model.neuron_layers()`` says where each layer's neurons live in the params pytree."""
+    if config.kind == "mlp":
+        return MLP(config, in_dim, out_dim, rngs=rngs)
+    return ResidualMLP(config, in_dim, out_dim, rngs=rngs)
