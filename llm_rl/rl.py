@@ -82,33 +82,73 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, staleness: 
                    tuple(copy() for _ in range(staleness)))
 
 
-def _response_logprobs(graphdef, params, sequences, seq_mask, prompt_len):
-    """log pi(response tokens) [B, N] under ``params`` (zeros outside the response)."""
-    logp = token_logprobs(nnx.merge(graphdef, params), sequences, seq_mask)
+def response_logprobs(graphdef, params, sequences, seq_mask, prompt_len, temperature=1.0):
+    """log pi_T(response tokens) [B, N] under ``params`` (zeros outside the response), with
+    the logits divided by the sampling temperature T: the policy being optimised is the one
+    that samples, so its log-probs match the sampler's ``logprobs`` (ratio 1 on-policy)."""
+    model = nnx.merge(graphdef, params)
+    logits_fn = model if temperature == 1.0 else (lambda ids, m: model(ids, m) / temperature)
+    logp = token_logprobs(logits_fn, sequences, seq_mask)
     return logp[:, prompt_len - 1:]
+
+
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: few shapes, few compiles
+
+
+def sample_problems(settings: "RLSettings", step: int) -> list[tasks.Problem]:
+    """The ``num_prompts`` problems of iteration ``step`` (a function of seed and step only,
+    so resumed runs and different trainers see the same prompts)."""
+    rng = np.random.default_rng([settings.seed, int(step)])
+    factory = tasks.TASKS[settings.task][0]
+    return [factory(rng, **dict(settings.task_kwargs)) for _ in range(settings.num_prompts)]
+
+
+class Rollout(NamedTuple):
+    sequences: jax.Array  # [B, P + N] prompt (left-padded) + response
+    seq_mask: jax.Array
+    behavior_logp: jax.Array  # [B, N] log-probs under the sampling policy
+    resp_mask: jax.Array  # [B, N]
+    rewards: jax.Array  # [B] verifier rewards
+    texts: list
+
+
+def rollout(graphdef, behavior_params, tokenizer, settings: "RLSettings", step: int) -> Rollout:
+    """Sample ``group_size`` answers to each of the step's problems and grade them."""
+    s = settings
+    problems = sample_problems(s, step)
+    repeated = [p for p in problems for _ in range(s.group_size)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in repeated],
+                                             pad_to_multiple=PROMPT_BUCKET)
+    out = generate(nnx.merge(graphdef, behavior_params), prompt_ids, prompt_mask,
+                   jax.random.key(s.seed * 1_000_003 + step), max_new_tokens=s.max_new_tokens,
+                   temperature=s.temperature, eos_ids=(tokenizer.eos_token_id,),
+                   pad_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(np.asarray(out.tokens), skip_special_tokens=True)
+    rewards = np.asarray([tasks.grade(t, p) for t, p in zip(texts, repeated)], np.float32)
+    sequences = jnp.concatenate([jnp.asarray(prompt_ids), out.tokens], axis=1)
+    seq_mask = jnp.concatenate([jnp.asarray(prompt_mask), out.mask], axis=1)
+    return Rollout(sequences, seq_mask, out.logprobs, out.mask, jnp.asarray(rewards), texts)
 
 
 def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation, tokenizer,
                    settings: RLSettings) -> Callable[[RLState, int], tuple[RLState, dict]]:
     s = settings
-    grade_task = dict(s.task_kwargs)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @jax.jit
     def update(state: RLState, sequences, seq_mask, behavior_logp, resp_mask, rewards):
         prompt_len = sequences.shape[1] - resp_mask.shape[1]
         mask = resp_mask.astype(jnp.float32)
         ref_logp = jax.lax.stop_gradient(
-            _response_logprobs(graphdef, ref_params, sequences, seq_mask, prompt_len))
+            response_logprobs(graphdef, ref_params, sequences, seq_mask, prompt_len, s.temperature))
         now_logp = jax.lax.stop_gradient(
-            _response_logprobs(graphdef, state.params, sequences, seq_mask, prompt_len))
+            response_logprobs(graphdef, state.params, sequences, seq_mask, prompt_len, s.temperature))
         stale = s.staleness > 0
         penalty = kl_penalty(now_logp, ref_logp, mask, estimator=s.estimator,
                              placement=s.placement, beta=s.beta, normalization=s.normalization)
         adv = algorithms.group_advantages(rewards - penalty.reward, s.group_size, s.advantage)
 
         def loss_fn(params):
-            logp = _response_logprobs(graphdef, params, sequences, seq_mask, prompt_len)
+            logp = response_logprobs(graphdef, params, sequences, seq_mask, prompt_len, s.temperature)
             pg, pg_metrics = algorithms.clipped_surrogate(
                 logp, behavior_logp, adv, mask, clip_eps=s.clip_eps, aggregation=s.aggregation,
                 budget=s.max_new_tokens)
@@ -138,28 +178,13 @@ def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation
         stale_params = state.stale[1:] + (state.params,) if stale else ()
         return RLState(params, opt_state, guard, state.step + 1, stale_params), metrics
 
-    def prompts_for(step: int) -> list[tasks.Problem]:
-        rng = np.random.default_rng([s.seed, int(step)])
-        factory = tasks.TASKS[s.task][0]
-        return [factory(rng, **grade_task) for _ in range(s.num_prompts)]
-
     def iterate(state: RLState, n: int) -> tuple[RLState, dict]:
         rows = []
         for _ in range(n):
-            step = int(state.step)
-            problems = prompts_for(step)
-            repeated = [p for p in problems for _ in range(s.group_size)]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in repeated])
             behavior = state.stale[0] if s.staleness > 0 else state.params
-            out = generate(nnx.merge(graphdef, behavior), prompt_ids, prompt_mask,
-                           jax.random.key(s.seed * 1_000_003 + step), max_new_tokens=s.max_new_tokens,
-                           temperature=s.temperature, eos_ids=(eos,), pad_id=pad)
-            texts = tokenizer.batch_decode(np.asarray(out.tokens), skip_special_tokens=True)
-            rewards = np.asarray([tasks.grade(t, p) for t, p in zip(texts, repeated)], np.float32)
-            sequences = jnp.concatenate([jnp.asarray(prompt_ids), out.tokens], axis=1)
-            seq_mask = jnp.concatenate([jnp.asarray(prompt_mask), out.mask], axis=1)
-            state, metrics = update(state, sequences, seq_mask, out.logprobs, out.mask,
-                                    jnp.asarray(rewards))
+            r = rollout(graphdef, behavior, tokenizer, s, int(state.step))
+            state, metrics = update(state, r.sequences, r.seq_mask, r.behavior_logp, r.resp_mask,
+                                    r.rewards)
             rows.append(jax.device_get(metrics))
         return state, {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -169,7 +194,8 @@ def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation
 def greedy_accuracy(graphdef, params, tokenizer, problems: Sequence[tasks.Problem],
                     max_new_tokens: int) -> tuple[float, float]:
     """(accuracy, fraction with a parsable answer) of greedy answers to ``problems``."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in problems])
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in problems],
+                                             pad_to_multiple=PROMPT_BUCKET)
     out = generate(nnx.merge(graphdef, params), prompt_ids, prompt_mask, jax.random.key(0),
                    max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,),
                    pad_id=tokenizer.pad_token_id)

@@ -68,9 +68,10 @@ def format_chat(tokenizer, user_message: str, system: str | None = None) -> str:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, max_length: int | None = None,
-                   add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   add_bos: bool = True, pad_to_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids [B, T] int32 and mask [B, T] (1 = token) for generation. Prompts longer
-    than ``max_length`` keep their last ``max_length`` tokens."""
+    than ``max_length`` keep their last ``max_length`` tokens; T is rounded up to a multiple of
+    ``pad_to_multiple`` (fewer distinct shapes, fewer recompilations of jitted samplers)."""
     rows = []
     for text in prompts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -80,6 +81,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, max_length: int | None 
             ids = ids[-max_length:]
         rows.append(ids)
     width = max(len(r) for r in rows) if rows else 0
+    width = -(-width // pad_to_multiple) * pad_to_multiple
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
