@@ -57,19 +57,23 @@ def forward_cached(model, ids: jax.Array, positions: jax.Array, key_mask: jax.Ar
     decoder = model.model
     mask = causal_padding_mask(key_mask, ids.shape[1], write_index)
     x = decoder.embed_tokens(ids.astype(jnp.int32))
-    ks, vs = [], []
+    # Each layer writes its new keys/values into the whole [L, B, S, K, H] cache with one
+    # dynamic_update_slice (XLA updates it in place); slicing layers out and stacking them
+    # back rebuilt the full cache every token (11-37% slower, benchmarks/RESULTS.md).
+    ck, cv = cache.k, cache.v
+    zero = jnp.zeros((), jnp.int32)
+    w = jnp.asarray(write_index, jnp.int32)
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm(x), positions)
-        k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(cache.k.dtype), write_index, 1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v.dtype), write_index, 1)
-        ks.append(k_all)
-        vs.append(v_all)
-        x = x + attn.attend(q, k_all, v_all, mask)
+        at = (jnp.int32(i), zero, w, zero, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+        x = x + attn.attend(q, ck[i], cv[i], mask)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     h = decoder.norm(x)
     logits = decoder.embed_tokens.attend(h) if model.lm_head is None else model.lm_head(h, out_dtype=jnp.float32)
-    return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+    return logits, KVCache(ck, cv)
 
 
 def process_logits(logits: jax.Array, temperature: float, top_k: int | None,

@@ -216,8 +216,11 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
                     raise CheckpointError(f"{fam.architecture}: no HF key rule for parameter {name}")
                 rule, key = found
                 host = tensors.read(key, rule.transform.hf_shape(spec.shape), name)
-                host = np.asarray(rule.transform.to_nnx(host, spec.shape)).astype(spec.dtype)
+                # astype(copy=False): no host copy when the file already has the dtype; the
+                # only other copy is the device's (benchmarks/RESULTS.md, loading memory).
+                host = np.asarray(rule.transform.to_nnx(host, spec.shape)).astype(spec.dtype, copy=False)
                 value = _place(host, shardings.get(name))
+                del host
                 used.add(key)
             leaves.append((p, var.replace(value)))
         unused = sorted(k for k in tensors.weight_map if k not in used and not IGNORED_HF_KEYS.match(k)

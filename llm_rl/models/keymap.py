@@ -72,7 +72,9 @@ class Linear(Transform):
         return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
 
     def to_nnx(self, x, shape):
-        return np.ascontiguousarray(x.T).reshape(shape)
+        # A view (transpose, then split/merge axes by strides): the loader copies once, onto
+        # the device, instead of holding a transposed host copy as well.
+        return x.T.reshape(shape)
 
     def to_hf(self, x):
         n_in = math.prod(x.shape[:self.n_in])
