@@ -52,6 +52,9 @@ def make_gymnax(name: str, max_episode_steps: int | None = None) -> Env:
     def reset(key):
         key, sub = jax.random.split(key)
         obs, inner = env.reset_env(sub, params)
+        # Some resets return weakly-typed leaves (Pendulum's last_u) that step returns strong:
+        # make them strong so a jitted loop over the state compiles once.
+        inner = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), inner)
         obs = flat(obs)
         zero = jnp.zeros((), jnp.float32)
         return EnvState(obs=obs, reward=zero, terminated=zero, truncated=zero, final_obs=obs,
