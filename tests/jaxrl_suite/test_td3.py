@@ -1,0 +1,140 @@
+"""TD3: smoothing noise bounds, the critic loss against a numpy forward pass and hand target,
+delayed actor/target updates, and the ReGraMa reset + health hooks inside the jitted loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxrl_suite.agents import replay, td3
+from jaxrl_suite.envs import make
+from trainkit.config import ConfigError
+
+SMOKE = td3.TD3Config.smoke()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), noise=st.floats(0.0, 2.0), clip=st.floats(0.0, 1.0))
+def test_smoothed_target_action_bounds(seed, noise, clip):
+    a = jnp.linspace(-1.0, 1.0, 64).reshape(32, 2)
+    out = np.asarray(td3.smoothed_target_action(jax.random.key(seed), a, noise, clip))
+    a = np.asarray(a)
+    assert np.all(np.abs(out) <= 1.0)
+    assert np.all(np.abs(out - a) <= clip + 1e-6)
+    if noise == 0.0:
+        np.testing.assert_array_equal(out, a)
+
+
+def test_smoothing_noise_is_a_clipped_gaussian():
+    a = jnp.zeros((50_000, 1))
+    out = np.asarray(td3.smoothed_target_action(jax.random.key(0), a, 0.2, 0.3))[:, 0]
+    # P(|N(0, 0.2^2)| >= 0.3) = 2 * (1 - Phi(1.5)) = 0.1336: the mass piled at +-0.3
+    assert abs(np.mean(np.abs(out) >= 0.3 - 1e-7) - 0.1336) < 0.01
+    assert abs(np.mean(out)) < 0.005
+
+
+def _np_mlp(p, x):
+    """numpy forward pass of a networks.MLP (relu hidden layers, linear head)."""
+    h = x
+    for i in range(len(p["hidden"])):
+        h = np.maximum(h @ np.asarray(p["hidden"][i]["dense"]["kernel"], np.float64)
+                       + np.asarray(p["hidden"][i]["dense"]["bias"], np.float64), 0.0)
+    return h @ np.asarray(p["head"]["kernel"], np.float64) + np.asarray(p["head"]["bias"])
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return td3.make_agent(SMOKE, make("gymnax/Pendulum-v1"))
+
+
+def test_critic_loss_against_numpy_forward_and_hand_target(agent):
+    cfg = SMOKE
+    state = agent.init(jax.random.key(0))
+    # move the target critics away from the online ones so the test tells them apart
+    target = jax.tree.map(lambda x: x * 1.1 + 0.01, state.critic)
+    rng = np.random.default_rng(1)
+    n = 16
+    batch = {"obs": rng.normal(size=(n, 3)).astype(np.float32),
+             "action": rng.uniform(-1, 1, size=(n, 1)).astype(np.float32),
+             "reward": rng.normal(size=n).astype(np.float32),
+             "next_obs": rng.normal(size=(n, 3)).astype(np.float32),
+             "terminated": (rng.uniform(size=n) < 0.3).astype(np.float32)}
+    quiet = td3.make_agent(dataclasses.replace(cfg, policy_noise=0.0), agent.env)
+    loss, (q, y) = quiet.critic_loss(state.critic, target, state.actor,
+                                     jax.tree.map(jnp.asarray, batch), jax.random.key(2))
+    member = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+    want_loss = 0.0
+    q_hand = np.zeros((2, n))
+    for k in range(n):
+        s, a, s2 = batch["obs"][k], batch["action"][k], batch["next_obs"][k]
+        a2 = np.tanh(_np_mlp(state.actor, s2))  # target actor = actor at init
+        q_next = [_np_mlp(member(target, i), np.concatenate([s2, a2]))[0] for i in range(2)]
+        if batch["terminated"][k]:
+            y_k = batch["reward"][k]
+        else:
+            y_k = batch["reward"][k] + cfg.gamma * min(q_next)
+        np.testing.assert_allclose(y[k], y_k, rtol=1e-4, atol=1e-4)
+        for i in range(2):
+            q_hand[i, k] = _np_mlp(member(state.critic, i), np.concatenate([s, a]))[0]
+    want_loss = np.sum(np.mean((q_hand - np.asarray(y, np.float64)[None]) ** 2, axis=1))
+    np.testing.assert_allclose(q, q_hand, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-4)
+
+
+def test_actor_and_targets_move_only_every_policy_delay_updates(agent):
+    state = agent.init(jax.random.key(0))
+    buf = state.buffer
+    rng = np.random.default_rng(0)
+    fake = {"obs": rng.normal(size=(64, 3)), "action": rng.uniform(-1, 1, size=(64, 1)),
+            "reward": rng.normal(size=64), "next_obs": rng.normal(size=(64, 3)),
+            "terminated": np.zeros(64)}
+    state = state.replace(buffer=replay.add_batch(buf, jax.tree.map(
+        lambda x: jnp.asarray(x, jnp.float32), fake)))
+    update = jax.jit(agent.update)
+    changed = lambda a, b: any(not np.array_equal(x, y) for x, y in
+                               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    s1, m1, _ = update(state, jax.random.key(1))  # update 1: critics only
+    assert changed(s1.critic, state.critic)
+    assert not changed(s1.actor, state.actor) and float(m1["actor_updates"]) == 0
+    assert not changed(s1.target_critic, state.target_critic)
+    assert not changed(s1.target_actor, state.target_actor)
+    s2, m2, _ = update(s1, jax.random.key(2))  # update 2 = policy_delay: actor and targets
+    assert changed(s2.actor, s1.actor) and float(m2["actor_updates"]) == 1
+    assert changed(s2.target_critic, s1.target_critic)
+    assert changed(s2.target_actor, s1.target_actor)
+    np.testing.assert_allclose(  # Polyak with tau towards the updated online nets
+        s2.target_actor["head"]["bias"],
+        (1 - SMOKE.tau) * s1.target_actor["head"]["bias"] + SMOKE.tau * s2.actor["head"]["bias"],
+        rtol=1e-6)
+
+
+def test_regrama_reset_and_health_in_the_jitted_loop(agent):
+    cfg = dataclasses.replace(SMOKE, health_every=4, reset="regrama", reset_every=8,
+                              reset_tau=0.0)
+    agent = td3.make_agent(cfg, agent.env)
+    state = agent.init(jax.random.key(3))
+    critic = jax.tree.map(lambda x: x, state.critic)
+    critic["hidden"][1]["dense"]["bias"] = critic["hidden"][1]["dense"]["bias"].at[:, 5].set(-1e3)
+    state = state.replace(critic=critic, target_critic=critic)
+    chunk = jax.jit(agent.train_chunk)
+    state, m1 = chunk(state)  # updates 1, 2: no reset yet
+    np.testing.assert_array_equal(state.critic["hidden"][1]["dense"]["bias"][:, 5], -1e3)
+    assert float(m1["reset_neurons"]) == 0 and int(m1["health/reports"]) == 0
+    state, m2 = chunk(state)  # updates 3..66: resets at 8, ..., 64; reports at 4, ..., 64
+    assert int(m2["health/reports"]) == 16
+    assert float(m2["reset_neurons"]) >= 2  # the dead neuron of each critic, GraMa score 0
+    assert np.all(np.abs(np.asarray(state.critic["hidden"][1]["dense"]["bias"][:, 5])) < 1.0)
+    assert float(m2["actor_updates"]) == 32 and np.isfinite(float(m2["actor_loss"]))
+    assert 0.0 <= float(m2["critic/grama/all"]) <= 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="policy_delay"):
+        td3.TD3Config(policy_delay=0)
+    with pytest.raises(ConfigError, match="reset"):
+        td3.TD3Config(reset="often")
+    with pytest.raises(ValueError, match="continuous"):
+        td3.make_agent(SMOKE, make("gymnax/CartPole-v1"))
