@@ -7,7 +7,8 @@ import os
 import pytest
 
 TEST_DEPENDENCIES = ("torch", "transformers", "tokenizers", "safetensors", "sympy", "hypothesis", "chex",
-                     "nbclient", "orbax.checkpoint", "tensorboardX")
+                     "nbclient", "orbax.checkpoint", "tensorboardX", "gymnax", "brax", "mujoco_playground",
+                     "librosa", "soundfile", "tensorflow_datasets", "grain", "array_record", "sklearn")
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only enforced in CI (CI=true)")
