@@ -29,6 +29,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "kl_estimators": ("experiments.kl_estimators",
                       "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
                       "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
+    "grama": ("experiments.grama",
+              "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in SAC "
+              "critics (plain, LayerNorm, residual)"),
 }
 
 

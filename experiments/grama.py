@@ -1,0 +1,244 @@
+"""grama: neuron inactivity by activations (tau-dormant, ReDo) and by gradients (GraMa), and
+the resets built on each, in SAC critics.
+
+Setting of "Measure gradients, not activations! Enhancing neuronal activity in deep RL"
+(GraMa / ReGraMa; Liu et al. 2025): SAC on continuous-control tasks, critics of three kinds
+(plain MLP, MLP with LayerNorm, BRO-style residual), and three reset rules applied to the
+critics every ``reset_every`` updates:
+
+* ``none``;
+* ``redo``: ReDo (Sokar et al. 2023), reinitialise neurons whose tau-dormant score
+  ``s_i = mean_x |h_i(x)| / mean_k mean_x |h_k(x)|`` is ``<= tau``, zero their outgoing weights;
+* ``regrama``: reinitialise the incoming weights of neurons whose GraMa score
+  ``g_j / mean_k g_k`` (``g_j = mean_i |dL/dW_ij|``) is ``<= tau``.
+
+Every run logs, per chunk, the critic's fraction of inactive neurons by each metric
+(``critic/dormant/all`` and ``critic/grama/all``), so the report can say whether gradient
+scores find inactivity that activation scores miss in residual and normalised critics, and
+whether ReGraMa improves returns. One sub-run per (task, critic, reset) in
+``configs/<task>--<critic>--<reset>/`` with the seeds vmapped inside it; a resumed run skips
+finished sub-runs and continues the unfinished one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.registry import Experiment, RunContext, RunResult, UserError
+from trainkit import plots
+from trainkit.config import Config, field, load_json
+from trainkit.loop import LoopSettings, fit
+from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
+
+CRITICS = ("mlp", "mlp-ln", "residual", "residual-ln", "multiskip-ln")
+RESETS = ("none", "redo", "regrama")
+
+
+@dataclasses.dataclass(frozen=True)
+class GramaConfig(Config):
+    seed: int = field(0, ge=0)
+    tasks: tuple[str, ...] = field(("gymnax/Pendulum-v1",),
+                                   help="environments (jaxrl_suite.envs names, continuous actions)")
+    critics: tuple[str, ...] = field(("mlp", "mlp-ln", "residual"),
+                                     help=f"critic kinds, each of {', '.join(CRITICS)}")
+    resets: tuple[str, ...] = field(RESETS, help=f"reset rules, each of {', '.join(RESETS)}")
+    activation: str = field("relu", choices=("relu", "gelu", "tanh", "silu", "elu"),
+                            help="critic activation")
+    depth: int = field(2, ge=1, help="critic hidden layers (mlp) or residual blocks")
+    width: int = field(256, ge=1, help="critic width (the actor is a 2x256 ReLU MLP)")
+    total_steps: int = field(10_000, ge=1, help="env steps per run")
+    chunk_steps: int = field(1000, ge=1, help="env steps between log rows/checkpoints")
+    learning_starts: int = field(1000, ge=0)
+    utd: int = field(1, ge=1, help="gradient updates per env step")
+    batch_size: int = field(256, ge=1)
+    lr: float = field(1e-3, gt=0, help="actor, critic and temperature learning rate")
+    health_every: int = field(250, ge=1, help="critic health report every this many updates")
+    tau: float = field(0.1, ge=0, help="threshold of both inactivity metrics and of the resets")
+    reset_every: int = field(1000, ge=1, help="reset period in gradient updates")
+
+    def validate(self) -> None:
+        for name, values, allowed in (("critics", self.critics, CRITICS), ("resets", self.resets, RESETS)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise self.invalid(name, f"each must be one of {', '.join(allowed)}")
+        if not self.tasks:
+            raise self.invalid("tasks", "needs at least one environment")
+        if self.total_steps < self.chunk_steps:
+            raise self.invalid("total_steps", f"must be >= chunk_steps = {self.chunk_steps}")
+
+
+def smoke() -> GramaConfig:
+    return GramaConfig(critics=("mlp", "residual"), width=32, total_steps=256, chunk_steps=64,
+                       learning_starts=64, batch_size=32, health_every=16, reset_every=32)
+
+
+def cpu() -> GramaConfig:
+    """Pendulum (gymnax) and the brax inverted pendulum, 3 critics x 3 resets, 15k steps."""
+    return GramaConfig(tasks=("gymnax/Pendulum-v1", "brax/inverted_pendulum"),
+                       total_steps=15_000)
+
+
+def paper() -> GramaConfig:
+    """MuJoCo tasks at the SAC paper's settings (1M steps, lr 3e-4, 10k warm-up)."""
+    return GramaConfig(tasks=("brax/hopper", "brax/walker2d", "brax/halfcheetah", "brax/ant",
+                              "dmc/CheetahRun", "dmc/WalkerRun"),
+                       critics=("mlp", "mlp-ln", "residual-ln"), total_steps=1_000_000,
+                       learning_starts=10_000, lr=3e-4, health_every=1000)
+
+
+def _critic_network(cfg: GramaConfig, critic: str):
+    from jaxrl_suite.networks import NetworkConfig
+
+    kind, _, ln = critic.partition("-")
+    return NetworkConfig(kind=kind, depth=cfg.depth, width=cfg.width, layer_norm=ln == "ln",
+                         activation=cfg.activation)
+
+
+def sac_config(cfg: GramaConfig, critic: str, reset: str):
+    from jaxrl_suite.agents.sac import SACConfig
+    from jaxrl_suite.networks import NetworkConfig
+
+    actor = NetworkConfig.sac_mlp() if cfg.width >= 64 else NetworkConfig.tiny()
+    return SACConfig(num_envs=1, total_steps=cfg.total_steps, chunk_steps=cfg.chunk_steps,
+                     learning_starts=cfg.learning_starts, utd=cfg.utd, batch_size=cfg.batch_size,
+                     buffer_size=max(cfg.total_steps, cfg.batch_size), actor_lr=cfg.lr,
+                     critic_lr=cfg.lr, alpha_lr=cfg.lr, actor=actor,
+                     critic=_critic_network(cfg, critic), health_every=cfg.health_every,
+                     tau_dormant=cfg.tau, tau_grama=cfg.tau, reset=reset,
+                     reset_every=cfg.reset_every, reset_tau=cfg.tau)
+
+
+def _name(task: str, critic: str, reset: str) -> str:
+    return f"{task.replace('/', '_')}--{critic}--{reset}"
+
+
+LOGGED = ("episode_return", "critic_loss", "q_mean", "reset_neurons", "critic/dormant/all",
+          "critic/grama/all", "critic/srank", "alpha")
+
+
+def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
+    from jaxrl_suite.agents import sac
+    from jaxrl_suite.envs import make
+
+    envs = {}
+    for task in cfg.tasks:
+        try:
+            envs[task] = make(task)
+        except ValueError as err:
+            raise UserError(f"config field 'tasks': {err}") from None
+        if envs[task].discrete:
+            raise UserError(f"config field 'tasks': {task} has discrete actions; SAC needs continuous")
+    chunks = cfg.total_steps // cfg.chunk_steps
+    finals, params = {}, {}
+    for task in cfg.tasks:
+        for critic in cfg.critics:
+            for reset in cfg.resets:
+                name = _name(task, critic, reset)
+                sub = RunDir(ctx.run_dir.path / "configs" / name)
+                settings = sac_config(cfg, critic, reset)
+                write_json(sub.config_path, dataclasses.asdict(settings))
+                agent = sac.make_agent(settings, envs[task])
+                keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
+                state = jax.jit(jax.vmap(agent.init))(keys)
+                one_chunk = jax.vmap(agent.train_chunk)
+
+                @jax.jit
+                def chunk_fn(state, _):
+                    state, m = one_chunk(state)
+                    return state, {k: m[k] for k in LOGGED if k in m}
+
+                def chunk(state, n, chunk_fn=chunk_fn):
+                    # n SAC chunks; metrics [n, seeds] (one row per chunk, a list over seeds)
+                    rows = []
+                    for _ in range(n):
+                        state, m = chunk_fn(state, None)
+                        rows.append(jax.block_until_ready(m))
+                    return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
+
+                def evaluate(state, agent=agent):
+                    ev = jax.jit(jax.vmap(lambda s, k: agent.evaluate(s, k, num_envs=8)))(
+                        state, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds))
+                    return {"eval_return": ev["eval/return"]}
+
+                loop = LoopSettings(num_steps=chunks, chunk_size=1, save_every=1,
+                                    key_metric="episode_return", desc=name, eval_every=chunks,
+                                    max_nonfinite=chunks + 1)
+                state, logger = fit(sub, state, chunk, loop, resume=ctx.resume, evaluate=evaluate)
+                logger.close()
+                rows = sub.read_metrics()
+                final = final_metrics(rows, window=max(1, chunks // 5))
+                write_json(sub.summary_path, {"task": task, "critic": critic, "reset": reset,
+                                              "final": final})
+                finals[name] = final
+                params[name] = state.critic
+    metrics = {}
+    for name, final in finals.items():
+        for key in ("eval_return", "episode_return", "critic/dormant/all", "critic/grama/all"):
+            if key in final:
+                metrics[f"{name}/{key}"] = float(np.nanmean(np.asarray(final[key], np.float64)))
+    return RunResult(params=params, metrics=metrics, steps=cfg.total_steps)
+
+
+def _series(sub, key):
+    rows = [r for r in read_metrics(sub / "metrics.jsonl") if key in r]
+    steps = [r["step"] for r in rows]
+    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])  # [N, seeds]
+    return steps, values.T
+
+
+def report(run_dir: RunDir) -> str:
+    cfg = load_json(GramaConfig, run_dir.config_path)
+    chunk = cfg.chunk_steps
+    figures, rows = [], []
+    for task in cfg.tasks:
+        for key, ylabel in (("episode_return", "training episode return"),
+                            ("critic/dormant/all", f"critic neurons tau-dormant (tau={cfg.tau})"),
+                            ("critic/grama/all", f"critic neurons GraMa-inactive (tau={cfg.tau})")):
+            curves = {}
+            for critic in cfg.critics:
+                for reset in cfg.resets:
+                    sub = run_dir.path / "configs" / _name(task, critic, reset)
+                    if (sub / "metrics.jsonl").exists():
+                        steps, values = _series(sub, key)
+                        if steps:
+                            curves[f"{critic}/{reset}"] = ([s * chunk for s in steps], values)
+            if curves:
+                slug = f"{task.replace('/', '_')}-{key.replace('/', '_')}"
+                figures.append(plots.learning_curves(run_dir.plots_dir / f"{slug}.png", curves,
+                                                     xlabel="env steps", ylabel=ylabel, title=task))
+        for critic in cfg.critics:
+            for reset in cfg.resets:
+                path = run_dir.path / "configs" / _name(task, critic, reset) / "summary.json"
+                if not path.exists():
+                    continue
+                final = read_json(path)["final"]
+                m = lambda k: (float(np.nanmean(np.asarray(final[k], np.float64)))
+                               if k in final else "-")
+                rows.append([task, critic, reset, m("eval_return"), m("episode_return"),
+                             m("critic/dormant/all"), m("critic/grama/all"), m("critic/srank")])
+    table = plots.markdown_table(rows, ["task", "critic", "reset", "eval return (deterministic)",
+                                        "training return (last 20%)", "tau-dormant fraction",
+                                        "GraMa-inactive fraction", "srank"])
+    text = (f"# grama\n\nSAC, {cfg.total_steps} env steps per run, critic depth {cfg.depth} width "
+            f"{cfg.width} {cfg.activation}, resets every {cfg.reset_every} updates at tau {cfg.tau}; "
+            f"means over seeds (curves: mean and 95% CI). Fractions are of the critic's hidden "
+            f"neurons at the last health report of each chunk, averaged over the last 20% of "
+            f"training.\n\n{table}\n\n"
+            + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")
+    run_dir.report_path.write_text(text)
+    return str(run_dir.report_path)
+
+
+EXPERIMENT = Experiment(
+    name="grama",
+    description="GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in "
+                "SAC critics (plain, LayerNorm, residual)",
+    config_cls=GramaConfig,
+    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    run=run,
+    report=report,
+)

@@ -1,0 +1,43 @@
+"""grama end to end through the CLI (smoke preset, 2 seeds vmapped): the report and plots
+exist, the health metrics are logged per seed, ReGraMa resets neurons and `none` never does.
+(Exact resume of SAC, replay buffer included, is tested in tests/jaxrl_suite/test_sac.py.)"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_cli
+from trainkit.run import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "resets=none,regrama"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def test_grama_smoke_logs_health_and_resets(tmp_path, env):
+    run_dir = tmp_path / "run"
+    res = run_cli(["run", "grama", *ARGS, "--run-dir", str(run_dir)], env)
+    assert res.returncode == 0, res.stderr
+    configs = run_dir / "configs"
+    none = read_metrics(configs / "gymnax_Pendulum-v1--mlp--none" / "metrics.jsonl")
+    regrama = read_metrics(configs / "gymnax_Pendulum-v1--mlp--regrama" / "metrics.jsonl")
+    assert len(none) == len(regrama) == 4  # 256 steps / 64 per chunk
+    for rows in (none, regrama):
+        fractions = [f for r in rows for f in r["critic/grama/all"]]
+        assert len(rows[-1]["critic/grama/all"]) == 2  # one value per seed
+        assert all(0.0 <= f <= 1.0 for f in fractions if np.isfinite(f))
+        assert np.isfinite(rows[-1]["eval_return"]).all()
+    assert sum(sum(r["reset_neurons"]) for r in none) == 0
+    assert sum(sum(r["reset_neurons"]) for r in regrama) > 0
+    report = (run_dir / "report.md").read_text()
+    assert "| gymnax/Pendulum-v1 | mlp | regrama |" in report
+    assert list((run_dir / "plots").glob("*grama_all.png"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "gymnax_Pendulum-v1--mlp--regrama/eval_return" in summary["final"]
