@@ -2,6 +2,12 @@
 
 Modules so far:
 
+* :mod:`jaxrl_suite.envs`: one functional environment interface (auto-reset, termination kept
+  apart from truncation, episode statistics) over gymnax, brax and MuJoCo Playground's DMC;
+  observation normalisation.
+* :mod:`jaxrl_suite.agents`: PPO, DQN, PQN, SAC and TD3, each fully jitted, chunked for
+  logging/checkpointing and vmappable over seeds; a JAX replay buffer.
+
 * :mod:`jaxrl_suite.networks`: MLP, residual (BRO-style) and multi-skip residual networks with
   optional LayerNorm, one frozen ``NetworkConfig`` and ``make_network``; forward passes can
   return per-layer activations, and ``neuron_layers()`` maps every group of neurons to its
