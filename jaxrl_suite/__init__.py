@@ -7,7 +7,6 @@ Modules so far:
   observation normalisation.
 * :mod:`jaxrl_suite.agents`: PPO, DQN, PQN, SAC and TD3, each fully jitted, chunked for
   logging/checkpointing and vmappable over seeds; a JAX replay buffer.
-
 * :mod:`jaxrl_suite.networks`: MLP, residual (BRO-style) and multi-skip residual networks with
   optional LayerNorm, one frozen ``NetworkConfig`` and ``make_network``; forward passes can
   return per-layer activations, and ``neuron_layers()`` maps every group of neurons to its
