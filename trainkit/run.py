@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -181,6 +182,10 @@ class MetricsLogger:
         self._fh = open(run_dir.metrics_path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
+
+            # NaN is a legitimate value here ("not measured in this chunk": no episode ended,
+            # no health report); tensorboardX would warn on every such scalar.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
             self._tb = SummaryWriter(str(run_dir.tb_dir), purge_step=resume_step + 1
                                      if resume_step is not None else None)
