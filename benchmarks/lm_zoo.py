@@ -97,7 +97,10 @@ def matmul_params(params) -> int:
 
 
 def forward_cached_inplace(model, ids, positions, key_mask, cache, write_index):
-    """``llm_rl.sampling.forward_cached`` with one change: each layer writes its new keys and
+    """Since 2026-11-25 this *is* ``llm_rl.sampling.forward_cached`` (the change below was
+    adopted there); kept so the table's "what-if" row stays reproducible against old commits.
+
+    ``llm_rl.sampling.forward_cached`` with one change: each layer writes its new keys and
     values into the [L, B, S, K, H] cache with one ``dynamic_update_slice`` at
     ``(layer, 0, write_index, 0, 0)`` instead of slicing layer ``i`` out, updating the slice
     and ``jnp.stack``-ing all layers back (which rebuilds the whole cache every step)."""
