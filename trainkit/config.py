@@ -23,11 +23,16 @@ import difflib
 import json
 import math
 import os
+import contextvars
 import types
 import typing
 from typing import Any, Literal, Sequence, TypeVar
 
 C = TypeVar("C", bound="Config")
+
+# While a list of overrides is applied, cross-field rules (``validate``) wait until the end,
+# so that ``--set a=x --set b=y`` and ``--set b=y --set a=x`` are accepted alike.
+_DEFER_CROSS_FIELD = contextvars.ContextVar("defer_cross_field", default=False)
 
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "1", "yes", "on")
@@ -158,7 +163,8 @@ class Config:
             value = _coerce(value, hints.get(f.name, Any), f.name)
             object.__setattr__(self, f.name, value)
             _check_rules(f, value)
-        self.validate()
+        if not _DEFER_CROSS_FIELD.get():
+            self.validate()
 
     def validate(self) -> None:
         """Cross-field checks; raise ``self.invalid(...)`` on failure."""
@@ -290,11 +296,32 @@ def split_override(item: str) -> tuple[str, str]:
 
 
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
-    """Return ``cfg`` with each ``"a.b=value"`` applied (parsed to the field's type, validated)."""
-    for item in overrides:
-        key, text = split_override(item)
-        cfg = _set(cfg, key.split("."), text, known=keys(cfg), full_key=key)
+    """Return ``cfg`` with each ``"a.b=value"`` applied (parsed to the field's type, validated).
+
+    Each value is checked against its field's rules as it is applied; cross-field rules
+    (:meth:`Config.validate`) run once all overrides are in, so their order does not matter.
+    """
+    token = _DEFER_CROSS_FIELD.set(True)
+    try:
+        for item in overrides:
+            key, text = split_override(item)
+            cfg = _set(cfg, key.split("."), text, known=keys(cfg), full_key=key)
+    finally:
+        _DEFER_CROSS_FIELD.reset(token)
+    _validate_tree(cfg)
     return cfg
+
+
+def _validate_tree(cfg: Config) -> None:
+    """Run every group's cross-field rules, innermost first; errors carry the full path."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Config):
+            try:
+                _validate_tree(value)
+            except ConfigError as err:
+                raise err.under(f.name) from None
+    cfg.validate()
 
 
 def _set(cfg: Config, parts: list[str], text: str, *, known: list[str], full_key: str) -> Config:

@@ -155,3 +155,34 @@ def test_parse_value_optional_tuple():
     assert parse_value("1, 2.5", tuple[int, float]) == (1, 2.5)
     with pytest.raises(ConfigError):
         parse_value("1", tuple[int, float])
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(Config):
+    """Cross-field rule: warmup must fit in the run."""
+    steps: int = field(100, ge=1)
+    warmup: int = field(10, ge=0)
+
+    def validate(self):
+        if self.warmup > self.steps:
+            raise self.invalid("warmup", f"must be <= steps ({self.steps})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer(Config):
+    schedule: Schedule = field(factory=Schedule)
+
+
+@pytest.mark.parametrize("order", [["schedule.steps=1000", "schedule.warmup=500"],
+                                   ["schedule.warmup=500", "schedule.steps=1000"]])
+def test_cross_field_rules_do_not_depend_on_override_order(order):
+    cfg = apply_overrides(Outer(), order)
+    assert (cfg.schedule.steps, cfg.schedule.warmup) == (1000, 500)
+
+
+def test_cross_field_rule_still_fails_after_all_overrides():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Outer(), ["schedule.warmup=500", "schedule.steps=200"])
+    assert err.value.path == "schedule.warmup" and "must be <= steps (200)" in str(err.value)
+    with pytest.raises(ConfigError):  # direct construction is still validated at once
+        Schedule(steps=5, warmup=6)
