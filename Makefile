@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Extras the test suite needs; a domain adds its extra here when its tests land.
-TEST_EXTRAS ?= test,llm,parity,rl,generative
+TEST_EXTRAS ?= test,llm,parity,rl,generative,audio
 DEMO ?= kl_estimators
 DEMO_PRESET ?= smoke
 

