@@ -32,6 +32,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "grama": ("experiments.grama",
               "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in SAC "
               "critics (plain, LayerNorm, residual)"),
+    "flam": ("experiments.flam",
+             "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on simulated "
+             "sound events, open-vocabulary SED on held-out classes (arXiv 2505.05335)"),
 }
 
 

@@ -1,0 +1,159 @@
+"""flam experiment: the smoke preset end to end through the CLI (report table with both models
+and both test splits, finite metrics in [0, 1], plots, a resumed finished run does not
+retrain), plus exact checks of the experiment's own helpers (batch order, captions, dominant
+class, prompt-ensembled frame scores against a NumPy oracle, config cross-checks)."""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import flam as F
+from tests.helpers import run_cli
+from trainkit.config import ConfigError, apply_overrides
+
+
+# --- helpers (fast) ------------------------------------------------------------------------------
+
+
+def test_batch_indices_visit_every_clip_once_per_epoch_and_are_step_addressable():
+    n, b = 10, 4
+    seq = np.concatenate([F.batch_indices(s, b, n, seed=3) for s in range(10)])  # 40 = 4 epochs
+    for e in range(4):
+        assert sorted(seq[e * n:(e + 1) * n].tolist()) == list(range(n))
+    # epoch e is default_rng([seed, e]).permutation(n): the oracle, and independent of history
+    np.testing.assert_array_equal(seq[n:2 * n], np.random.default_rng([3, 1]).permutation(n))
+    np.testing.assert_array_equal(F.batch_indices(7, b, n, 3), seq[28:32])
+    assert not np.array_equal(seq[:n], np.concatenate(
+        [F.batch_indices(s, b, n, seed=4) for s in range(3)])[:n])
+
+
+def test_clip_captions_join_the_positive_texts_only():
+    texts = np.array([["a hiss", "a siren", "a low tone", ""], ["a knock", "", "", ""]])
+    classes = np.array([["white_noise", "siren", "low_tone", ""], ["knock", "", "", ""]])
+    events = np.array([["low_tone", "white_noise", "low_tone"], ["siren", "", ""]])
+    mask = np.array([[True, True, True], [True, False, False]])
+    assert F.clip_captions(texts, classes, events, mask) == ["a hiss and a low tone", ""]
+
+
+def test_dominant_class_is_the_class_with_most_labelled_frames():
+    events = np.array([["a", "b", "a"], ["b", "c", ""]])
+    labels = np.zeros((2, 3, 6), np.float32)
+    labels[0, 0, :2] = 1  # a: frames 0-1
+    labels[0, 2, 3:5] = 1  # a again: frames 3-4 -> 4 frames of a
+    labels[0, 1, :3] = 1  # b: 3 frames
+    labels[1, 1, :] = 1  # c: 6 frames
+    labels[1, 0, :5] = 1  # b: 5
+    mask = np.array([[True] * 3, [True, True, False]])
+    np.testing.assert_array_equal(F.dominant_class(events, labels, mask, ("a", "b", "c")), [0, 2])
+    none = F.dominant_class(events, np.zeros_like(labels), mask, ("a", "b", "c"))
+    np.testing.assert_array_equal(none, [-1, -1])
+
+
+@pytest.mark.parametrize("kind", ["unbiased", "sigmoid", "cosine"])
+def test_frame_scores_match_a_numpy_oracle(kind):
+    rng = np.random.default_rng(0)
+    n, l_, d, k = 3, 5, 4, 5
+    frames = rng.normal(size=(n, l_, d))
+    frames /= np.linalg.norm(frames, axis=-1, keepdims=True)
+    text = rng.normal(size=(k, d))
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    alpha = rng.uniform(1, 10, size=k)
+    beta = rng.uniform(-8, 0, size=k)
+    owner = np.array([0, 1, 0, 1, 1])  # captions 0, 2 -> class 0; 1, 3, 4 -> class 1
+    got = F.frame_scores(frames.astype(np.float32), text.astype(np.float32),
+                         alpha.astype(np.float32), beta.astype(np.float32), owner, 2, kind)
+    cos = np.einsum("nld,kd->nlk", frames, text)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    h = alpha * cos + beta
+    per = {"cosine": cos, "sigmoid": sig(h), "unbiased": sig(h) / (sig(h) + sig(beta))}[kind]
+    want = np.stack([per[..., owner == c].mean(-1) for c in range(2)], axis=-1)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_objective_weights_global_is_clip_only():
+    assert F.objective_weights("flam_global", 200.0) == (1.0, 0.0, 0.0)
+    assert F.objective_weights("flam", 200.0) == (1.0, 200.0, 1.0)
+
+
+def test_comparison_sentence_is_computed_from_the_numbers():
+    def ev(a, p):
+        return {"test_heldout": {"unbiased": {"auroc": a, "psds1": p, "psds2": p, "event_f1": p},
+                                 "cosine": {"auroc": a, "psds1": p, "psds2": p, "event_f1": p}}}
+
+    evals = {"flam": ev(0.8, 0.3), "flam_global": ev(0.6, 0.1)}
+    evals["flam"]["test_heldout"]["cosine"] = None  # never read
+    text = F.comparison_sentence(evals)
+    assert " beats " in text and "+0.200 (0.800 vs 0.600)" in text and "PSDS1 0.300 vs" in text
+    worse = F.comparison_sentence({"flam": ev(0.55, 0.1), "flam_global": ev(0.6, 0.1)})
+    assert "does not beat" in worse and "-0.050" in worse
+
+
+def test_config_cross_checks_name_the_field():
+    with pytest.raises(ConfigError, match="data.sim.downsample"):
+        apply_overrides(F.smoke(), ["data.sim.downsample=5"])
+    with pytest.raises(ConfigError, match="models"):
+        apply_overrides(F.smoke(), ["models=flam,flam"])
+    cfg = F.paper()
+    assert F.flam_config(cfg).text_source == "embeddings"
+    assert cfg.model.flam.audio.downsample == cfg.data.sim.downsample
+    assert dataclasses.replace(F.cpu().data.sim).num_frames > 0
+
+
+# --- end to end (slow) ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
+    out["TRAINKIT_NO_PROGRESS"] = "1"
+    return out
+
+
+@pytest.mark.slow
+def test_flam_smoke_end_to_end_and_resume(tmp_path, env):
+    run_dir = tmp_path / "run"
+    res = run_cli(["run", "flam", "--preset", "smoke", "--run-dir", str(run_dir)], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (run_dir / "report.md").read_text()
+    for label in F.SCORERS.values():
+        for split in F.TEST_SPLITS:
+            assert f"| {label} | {split} |" in report, (label, split)
+    assert "On held-out classes" in report
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["final"]
+    values = {k: v for k, v in final.items() if k != "num_params"}
+    for split in F.TEST_SPLITS:
+        for (kind, score) in F.SCORERS:
+            for key in F.SED_METRICS:
+                assert f"{split}/{kind}/{score}/{key}" in values
+        for kind in F.MODELS:
+            for key in F.MODEL_METRICS:
+                assert f"{split}/{kind}/{key}" in values
+    for key, v in values.items():
+        assert math.isfinite(v) and 0.0 <= v <= 1.0, (key, v)
+    plots = run_dir / "plots"
+    assert (plots / "train_loss.png").stat().st_size > 0
+    assert (plots / "train_sed.png").exists()
+    assert len(list(plots.glob("heatmap_test_heldout_*.png"))) == F.smoke().eval.num_heatmaps
+    assert len(list(plots.glob("heatmap_test_seen_*.png"))) == F.smoke().eval.num_heatmaps
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, F.smoke().train.steps + 1))
+    assert all(len(r["loss"]) == 2 for r in rows)  # one value per model
+    assert all(r["skipped"] == [0, 0] for r in rows)
+
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    eval_before = (run_dir / "eval.json").read_text()
+    ckpts_before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    res = run_cli(["run", "flam", "--run-dir", str(run_dir), "--resume"], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # no step was re-run
+    assert (run_dir / "eval.json").read_text() == eval_before  # nor re-evaluated
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts_before
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["params_sha256"] == summary["params_sha256"]
+    assert again["final"] == summary["final"]
