@@ -248,6 +248,8 @@ def report(run_dir: RunDir) -> str:
                                         "in-domain acc.", "OOD acc.", "skipped steps"])
     r = cfg.rl
     findings = _findings(run_dir, names)
+    if r.staleness > 0:
+        findings += "\n\n" + _staleness_findings(run_dir, names, r.staleness)
     text = (f"# kl_estimators\n\nGRPO-style RL ({r.advantage} advantages, group {r.group_size}, "
             f"{r.num_prompts} prompts/iteration, {r.iterations} iterations, beta {r.beta}, "
             f"normalization {r.normalization}, staleness {r.staleness}) from the base model, one run per "
@@ -276,18 +278,34 @@ def _final_values(run_dir: RunDir, names, key) -> list[float]:
     return out
 
 
+def _stat(run_dir: RunDir, group, key) -> tuple[float, float, int]:
+    """(mean, std, n) of a final metric over every finished run of the configurations in group."""
+    v = _final_values(run_dir, group, key)
+    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), 0.0, 0)
+
+
+def _two_se(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
+    """Two standard errors of the difference of two means (std, n from :func:`_stat`)."""
+    return 2 * float(np.sqrt(a[1] ** 2 / max(a[2], 1) + b[1] ** 2 / max(b[2], 1)))
+
+
+def _finished(run_dir: RunDir, names) -> list[str]:
+    return [n for n in names if _final_values(run_dir, [n], "eval_accuracy")]
+
+
 def _findings(run_dir: RunDir, names) -> str:
     """The paper's claims, checked against this run's numbers (mean +- std over runs)."""
-    unbiased = [n for n in names if n in UNBIASED]
-    biased = [n for n in names if n in BIASED]
+    done = _finished(run_dir, names)
+    unbiased = [n for n in done if n in UNBIASED]
+    biased = [n for n in done if n in BIASED]
     lines = ["## Does the paper's finding reproduce at this scale?", ""]
     if not unbiased or not biased:
-        return "\n".join(lines + ["Needs at least one unbiased (k1-reward, k1-both, k3-both) and one "
-                                  "biased (k1-loss, k3-reward, k3-loss, k2-*) configuration in the grid."])
+        return "\n".join(lines + ["Needs finished runs of at least one unbiased (k1-reward, k1-both, "
+                                  "k3-both) and one biased (k1-loss, k3-reward, k3-loss, k2-*) "
+                                  f"configuration; finished here: {', '.join(done) or 'none'}."])
 
     def stat(group, key):
-        v = _final_values(run_dir, group, key)
-        return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), 0.0, 0)
+        return _stat(run_dir, group, key)
 
     rows = []
     for key, label in (("eval_accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
@@ -314,6 +332,36 @@ def _findings(run_dir: RunDir, names) -> str:
             verdict.append(f"{label}: the difference {gap:+.3f} is within 2 standard errors ({se:.3f}): "
                            "no clear effect at this scale.")
     lines += ["", *[f"- {v}" for v in verdict]]
+    return "\n".join(lines)
+
+
+def _staleness_findings(run_dir: RunDir, names, staleness: int) -> str:
+    """The paper's asynchronous-RL claim (KL regularisation stabilises training on stale
+    rollouts), checked here: each finished KL configuration against ``none``."""
+    lines = [f"## Does KL regularisation stabilise stale training (staleness {staleness})?", ""]
+    done = _finished(run_dir, names)
+    kl_configs = [n for n in done if n != "none"]
+    if "none" not in done or not kl_configs:
+        return "\n".join(lines + ["Needs finished runs of `none` and of at least one KL configuration; "
+                                  f"finished here: {', '.join(done) or 'none'}."])
+    keys = (("eval_accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
+            ("reward", "reward (last 5)"), ("kl_k3", "KL to reference (k3)"))
+    rows = [[label] + [f"{m:.3f} +- {sd:.3f} (n={n})" for m, sd, n in
+                       (_stat(run_dir, [c], key) for c in ["none", *kl_configs])]
+            for key, label in keys]
+    lines.append(plots.markdown_table(rows, ["final (last 5 iterations / last eval)", "none",
+                                             *kl_configs]))
+    lines.append("")
+    base = _stat(run_dir, ["none"], "eval_accuracy")
+    base_kl = _stat(run_dir, ["none"], "kl_k3")
+    for c in kl_configs:
+        acc, kl = _stat(run_dir, [c], "eval_accuracy"), _stat(run_dir, [c], "kl_k3")
+        gap, se2 = acc[0] - base[0], _two_se(acc, base)
+        effect = ("more accurate than `none`, beyond 2 standard errors" if gap > se2 else
+                  "less accurate than `none`, beyond 2 standard errors" if gap < -se2 else
+                  "within 2 standard errors of `none`")
+        lines.append(f"- {c}: in-domain accuracy {gap:+.3f} vs `none` (2 SE = {se2:.3f}): {effect}; "
+                     f"KL to the reference {kl[0]:.2f} vs {base_kl[0]:.2f}.")
     return "\n".join(lines)
 
 
