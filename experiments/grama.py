@@ -1,5 +1,5 @@
 """grama: neuron inactivity by activations (tau-dormant, ReDo) and by gradients (GraMa), and
-the resets built on each, in SAC critics.
+the resets built on each, in SAC (and TD3) critics.
 
 Setting of "Measure gradients, not activations! Enhancing neuronal activity in deep RL"
 (GraMa / ReGraMa; Liu et al. 2025): SAC on continuous-control tasks, critics of three kinds
@@ -15,8 +15,10 @@ critics every ``reset_every`` updates:
 Every run logs, per chunk, the critic's fraction of inactive neurons by each metric
 (``critic/dormant/all`` and ``critic/grama/all``), so the report can say whether gradient
 scores find inactivity that activation scores miss in residual and normalised critics, and
-whether ReGraMa improves returns. One sub-run per (task, critic, reset) in
-``configs/<task>--<critic>--<reset>/`` with the seeds vmapped inside it; a resumed run skips
+whether ReGraMa improves returns. ``agents`` adds TD3 (same critics, same resets) as the
+second off-policy agent. One sub-run per (task, agent, critic, reset) in
+``configs/<task>--<critic>--<reset>/`` (SAC) or ``configs/<task>--td3--<critic>--<reset>/``
+with the seeds vmapped inside it; a resumed run skips
 finished sub-runs and continues the unfinished one from its checkpoint.
 """
 
@@ -36,6 +38,7 @@ from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_j
 
 CRITICS = ("mlp", "mlp-ln", "residual", "residual-ln", "multiskip-ln")
 RESETS = ("none", "redo", "regrama")
+AGENTS = ("sac", "td3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class GramaConfig(Config):
     critics: tuple[str, ...] = field(("mlp", "mlp-ln", "residual"),
                                      help=f"critic kinds, each of {', '.join(CRITICS)}")
     resets: tuple[str, ...] = field(RESETS, help=f"reset rules, each of {', '.join(RESETS)}")
+    agents: tuple[str, ...] = field(("sac",), help=f"off-policy agents, each of {', '.join(AGENTS)}")
     activation: str = field("relu", choices=("relu", "gelu", "tanh", "silu", "elu"),
                             help="critic activation")
     depth: int = field(2, ge=1, help="critic hidden layers (mlp) or residual blocks")
@@ -61,7 +65,8 @@ class GramaConfig(Config):
     reset_every: int = field(1000, ge=1, help="reset period in gradient updates")
 
     def validate(self) -> None:
-        for name, values, allowed in (("critics", self.critics, CRITICS), ("resets", self.resets, RESETS)):
+        for name, values, allowed in (("critics", self.critics, CRITICS), ("resets", self.resets, RESETS),
+                                      ("agents", self.agents, AGENTS)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise self.invalid(name, f"each must be one of {', '.join(allowed)}")
@@ -114,8 +119,23 @@ def sac_config(cfg: GramaConfig, critic: str, reset: str):
                      reset_every=cfg.reset_every, reset_tau=cfg.tau)
 
 
-def _name(task: str, critic: str, reset: str) -> str:
-    return f"{task.replace('/', '_')}--{critic}--{reset}"
+def td3_config(cfg: GramaConfig, critic: str, reset: str):
+    """TD3 with the same budget, critic, health reports and resets as :func:`sac_config`."""
+    from jaxrl_suite.agents.td3 import TD3Config
+    from jaxrl_suite.networks import NetworkConfig
+
+    actor = NetworkConfig.sac_mlp() if cfg.width >= 64 else NetworkConfig.tiny()
+    return TD3Config(num_envs=1, total_steps=cfg.total_steps, chunk_steps=cfg.chunk_steps,
+                     learning_starts=cfg.learning_starts, utd=cfg.utd, batch_size=cfg.batch_size,
+                     buffer_size=max(cfg.total_steps, cfg.batch_size), actor_lr=cfg.lr,
+                     critic_lr=cfg.lr, actor=actor, critic=_critic_network(cfg, critic),
+                     health_every=cfg.health_every, tau_dormant=cfg.tau, tau_grama=cfg.tau,
+                     reset=reset, reset_every=cfg.reset_every, reset_tau=cfg.tau)
+
+
+def _name(task: str, critic: str, reset: str, agent: str = "sac") -> str:
+    middle = "" if agent == "sac" else f"{agent}--"  # SAC runs keep their original names
+    return f"{task.replace('/', '_')}--{middle}{critic}--{reset}"
 
 
 LOGGED = ("episode_return", "critic_loss", "q_mean", "reset_neurons", "critic/dormant/all",
@@ -123,7 +143,7 @@ LOGGED = ("episode_return", "critic_loss", "q_mean", "reset_neurons", "critic/do
 
 
 def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
-    from jaxrl_suite.agents import sac
+    from jaxrl_suite.agents import sac, td3
     from jaxrl_suite.envs import make
 
     envs = {}
@@ -133,56 +153,63 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
         except ValueError as err:
             raise UserError(f"config field 'tasks': {err}") from None
         if envs[task].discrete:
-            raise UserError(f"config field 'tasks': {task} has discrete actions; SAC needs continuous")
+            raise UserError(f"config field 'tasks': {task} has discrete actions; SAC and TD3 "
+                            "need continuous ones")
     chunks = cfg.total_steps // cfg.chunk_steps
     finals, params = {}, {}
-    for task in cfg.tasks:
-        for critic in cfg.critics:
-            for reset in cfg.resets:
-                name = _name(task, critic, reset)
-                sub = RunDir(ctx.run_dir.path / "configs" / name)
-                settings = sac_config(cfg, critic, reset)
-                write_json(sub.config_path, dataclasses.asdict(settings))
-                agent = sac.make_agent(settings, envs[task])
-                keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
-                state = jax.jit(jax.vmap(agent.init))(keys)
-                one_chunk = jax.vmap(agent.train_chunk)
+    builders = {"sac": (sac_config, sac.make_agent), "td3": (td3_config, td3.make_agent)}
+    for task, agent_name, critic, reset in _grid(cfg):
+        name = _name(task, critic, reset, agent_name)
+        sub = RunDir(ctx.run_dir.path / "configs" / name)
+        make_settings, make_agent = builders[agent_name]
+        settings = make_settings(cfg, critic, reset)
+        write_json(sub.config_path, dataclasses.asdict(settings))
+        agent = make_agent(settings, envs[task])
+        keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
+        state = jax.jit(jax.vmap(agent.init))(keys)
+        one_chunk = jax.vmap(agent.train_chunk)
 
-                @jax.jit
-                def chunk_fn(state, _):
-                    state, m = one_chunk(state)
-                    return state, {k: m[k] for k in LOGGED if k in m}
+        @jax.jit
+        def chunk_fn(state, _):
+            state, m = one_chunk(state)
+            return state, {k: m[k] for k in LOGGED if k in m}
 
-                def chunk(state, n, chunk_fn=chunk_fn):
-                    # n SAC chunks; metrics [n, seeds] (one row per chunk, a list over seeds)
-                    rows = []
-                    for _ in range(n):
-                        state, m = chunk_fn(state, None)
-                        rows.append(jax.block_until_ready(m))
-                    return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
+        def chunk(state, n, chunk_fn=chunk_fn):
+            # n agent chunks; metrics [n, seeds] (one row per chunk, a list over seeds)
+            rows = []
+            for _ in range(n):
+                state, m = chunk_fn(state, None)
+                rows.append(jax.block_until_ready(m))
+            return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
 
-                def evaluate(state, agent=agent):
-                    ev = jax.jit(jax.vmap(lambda s, k: agent.evaluate(s, k, num_envs=8)))(
-                        state, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds))
-                    return {"eval_return": ev["eval/return"]}
+        def evaluate(state, agent=agent):
+            ev = jax.jit(jax.vmap(lambda s, k: agent.evaluate(s, k, num_envs=8)))(
+                state, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds))
+            return {"eval_return": ev["eval/return"]}
 
-                loop = LoopSettings(num_steps=chunks, chunk_size=1, save_every=1,
-                                    key_metric="episode_return", desc=name, eval_every=chunks,
-                                    max_nonfinite=chunks + 1)
-                state, logger = fit(sub, state, chunk, loop, resume=ctx.resume, evaluate=evaluate)
-                logger.close()
-                rows = sub.read_metrics()
-                final = final_metrics(rows, window=max(1, chunks // 5))
-                write_json(sub.summary_path, {"task": task, "critic": critic, "reset": reset,
-                                              "final": final})
-                finals[name] = final
-                params[name] = state.critic
+        loop = LoopSettings(num_steps=chunks, chunk_size=1, save_every=1,
+                            key_metric="episode_return", desc=name, eval_every=chunks,
+                            max_nonfinite=chunks + 1)
+        state, logger = fit(sub, state, chunk, loop, resume=ctx.resume, evaluate=evaluate)
+        logger.close()
+        rows = sub.read_metrics()
+        final = final_metrics(rows, window=max(1, chunks // 5))
+        write_json(sub.summary_path, {"task": task, "agent": agent_name, "critic": critic,
+                                      "reset": reset, "final": final})
+        finals[name] = final
+        params[name] = state.critic
     metrics = {}
     for name, final in finals.items():
         for key in ("eval_return", "episode_return", "critic/dormant/all", "critic/grama/all"):
             if key in final:
                 metrics[f"{name}/{key}"] = float(np.nanmean(np.asarray(final[key], np.float64)))
     return RunResult(params=params, metrics=metrics, steps=cfg.total_steps)
+
+
+def _grid(cfg: GramaConfig):
+    """(task, agent, critic, reset) of every sub-run, in run order."""
+    return [(t, a, c, r) for t in cfg.tasks for a in cfg.agents for c in cfg.critics
+            for r in cfg.resets]
 
 
 def _series(sub, key):
@@ -197,39 +224,41 @@ def report(run_dir: RunDir) -> str:
     chunk = cfg.chunk_steps
     figures, rows = [], []
     for task in cfg.tasks:
-        for key, ylabel in (("episode_return", "training episode return"),
-                            ("critic/dormant/all", f"critic neurons tau-dormant (tau={cfg.tau})"),
-                            ("critic/grama/all", f"critic neurons GraMa-inactive (tau={cfg.tau})")):
-            curves = {}
-            for critic in cfg.critics:
-                for reset in cfg.resets:
-                    sub = run_dir.path / "configs" / _name(task, critic, reset)
-                    if (sub / "metrics.jsonl").exists():
-                        steps, values = _series(sub, key)
-                        if steps:
-                            curves[f"{critic}/{reset}"] = ([s * chunk for s in steps], values)
-            if curves:
-                slug = f"{task.replace('/', '_')}-{key.replace('/', '_')}"
-                figures.append(plots.learning_curves(run_dir.plots_dir / f"{slug}.png", curves,
-                                                     xlabel="env steps", ylabel=ylabel, title=task))
-        for critic in cfg.critics:
-            for reset in cfg.resets:
-                path = run_dir.path / "configs" / _name(task, critic, reset) / "summary.json"
-                if not path.exists():
-                    continue
-                final = read_json(path)["final"]
-                m = lambda k: (float(np.nanmean(np.asarray(final[k], np.float64)))
-                               if k in final else "-")
-                rows.append([task, critic, reset, m("eval_return"), m("episode_return"),
-                             m("critic/dormant/all"), m("critic/grama/all"), m("critic/srank")])
-    table = plots.markdown_table(rows, ["task", "critic", "reset", "eval return (deterministic)",
-                                        "training return (last 20%)", "tau-dormant fraction",
-                                        "GraMa-inactive fraction", "srank"])
-    text = (f"# grama\n\nSAC, {cfg.total_steps} env steps per run, critic depth {cfg.depth} width "
-            f"{cfg.width} {cfg.activation}, resets every {cfg.reset_every} updates at tau {cfg.tau}; "
-            f"means over seeds (curves: mean and 95% CI). Fractions are of the critic's hidden "
-            f"neurons at the last health report of each chunk, averaged over the last 20% of "
-            f"training.\n\n{table}\n\n"
+        for agent in cfg.agents:
+            title = f"{task} ({agent.upper()})"
+            for key, ylabel in (("episode_return", "training episode return"),
+                                ("critic/dormant/all", f"critic neurons tau-dormant (tau={cfg.tau})"),
+                                ("critic/grama/all", f"critic neurons GraMa-inactive (tau={cfg.tau})")):
+                curves = {}
+                for critic in cfg.critics:
+                    for reset in cfg.resets:
+                        sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
+                        if (sub / "metrics.jsonl").exists():
+                            steps, values = _series(sub, key)
+                            if steps:
+                                curves[f"{critic}/{reset}"] = ([s * chunk for s in steps], values)
+                if curves:
+                    slug = f"{task.replace('/', '_')}-{agent}-{key.replace('/', '_')}"
+                    figures.append(plots.learning_curves(run_dir.plots_dir / f"{slug}.png", curves,
+                                                         xlabel="env steps", ylabel=ylabel,
+                                                         title=title))
+    for task, agent, critic, reset in _grid(cfg):
+        path = run_dir.path / "configs" / _name(task, critic, reset, agent) / "summary.json"
+        if not path.exists():
+            continue
+        final = read_json(path)["final"]
+        m = lambda k: (float(np.nanmean(np.asarray(final[k], np.float64))) if k in final else "-")
+        rows.append([task, agent, critic, reset, m("eval_return"), m("episode_return"),
+                     m("critic/dormant/all"), m("critic/grama/all"), m("critic/srank")])
+    table = plots.markdown_table(rows, ["task", "agent", "critic", "reset",
+                                        "eval return (deterministic)", "training return (last 20%)",
+                                        "tau-dormant fraction", "GraMa-inactive fraction", "srank"])
+    agents = " and ".join(a.upper() for a in cfg.agents)
+    text = (f"# grama\n\n{agents}, {cfg.total_steps} env steps per run, critic depth {cfg.depth} "
+            f"width {cfg.width} {cfg.activation}, resets every {cfg.reset_every} updates at tau "
+            f"{cfg.tau}; means over seeds (curves: mean and 95% CI). Fractions are of the critic's "
+            f"hidden neurons at the last health report of each chunk, averaged over the last 20% "
+            f"of training.\n\n{table}\n\n"
             + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)

@@ -1,5 +1,6 @@
-"""grama end to end through the CLI (smoke preset, 2 seeds vmapped): the report and plots
-exist, the health metrics are logged per seed, ReGraMa resets neurons and `none` never does.
+"""grama end to end through the CLI (smoke preset, 2 seeds vmapped, SAC and TD3): the report
+and plots exist, the health metrics are logged per seed, ReGraMa resets neurons and `none`
+never does.
 (Exact resume of SAC, replay buffer included, is tested in tests/jaxrl_suite/test_sac.py.)"""
 
 import json
@@ -13,7 +14,8 @@ from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "resets=none,regrama"]
+ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "resets=none,regrama",
+        "--set", "agents=sac,td3"]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +30,20 @@ def test_grama_smoke_logs_health_and_resets(tmp_path, env):
     configs = run_dir / "configs"
     none = read_metrics(configs / "gymnax_Pendulum-v1--mlp--none" / "metrics.jsonl")
     regrama = read_metrics(configs / "gymnax_Pendulum-v1--mlp--regrama" / "metrics.jsonl")
-    assert len(none) == len(regrama) == 4  # 256 steps / 64 per chunk
-    for rows in (none, regrama):
+    td3_none = read_metrics(configs / "gymnax_Pendulum-v1--td3--mlp--none" / "metrics.jsonl")
+    td3_regrama = read_metrics(configs / "gymnax_Pendulum-v1--td3--mlp--regrama" / "metrics.jsonl")
+    assert len(none) == len(regrama) == len(td3_none) == len(td3_regrama) == 4  # 256 / 64 per chunk
+    for rows in (none, regrama, td3_none, td3_regrama):
         fractions = [f for r in rows for f in r["critic/grama/all"]]
         assert len(rows[-1]["critic/grama/all"]) == 2  # one value per seed
         assert all(0.0 <= f <= 1.0 for f in fractions if np.isfinite(f))
         assert np.isfinite(rows[-1]["eval_return"]).all()
-    assert sum(sum(r["reset_neurons"]) for r in none) == 0
-    assert sum(sum(r["reset_neurons"]) for r in regrama) > 0
+    for off, on in ((none, regrama), (td3_none, td3_regrama)):
+        assert sum(sum(r["reset_neurons"]) for r in off) == 0
+        assert sum(sum(r["reset_neurons"]) for r in on) > 0
     report = (run_dir / "report.md").read_text()
-    assert "| gymnax/Pendulum-v1 | mlp | regrama |" in report
+    assert "| gymnax/Pendulum-v1 | sac | mlp | regrama |" in report
+    assert "| gymnax/Pendulum-v1 | td3 | mlp | regrama |" in report
     assert list((run_dir / "plots").glob("*grama_all.png"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "gymnax_Pendulum-v1--mlp--regrama/eval_return" in summary["final"]
