@@ -36,27 +36,39 @@ def _sed_scores_eval():
     """Import ``sed_scores_eval``. It imports ``sed_eval``, which imports ``dcase_util``, which
     imports ``pkg_resources`` at module level (only to look up its own resources and
     requirements, never on our code path). setuptools >= 81 no longer ships
-    ``pkg_resources``; when it is missing we register an empty placeholder module of that
-    name (calling into it raises a clear error) so the import chain succeeds."""
+    ``pkg_resources``; when it is missing, a placeholder module of that name is registered
+    *only while* ``sed_scores_eval`` is imported and removed right after, so that no other
+    library (transformers, torch...) ever sees it (calling into it raises a clear error)."""
     import importlib
     import sys
     import types
 
+    if "sed_scores_eval" in sys.modules:
+        return sys.modules["sed_scores_eval"]
     try:
         importlib.import_module("pkg_resources")
+        return importlib.import_module("sed_scores_eval")
     except ImportError:
-        stub = types.ModuleType("pkg_resources")
-        stub.__doc__ = "placeholder registered by audio.metrics (setuptools >= 81 lacks it)"
+        pass
+    stub = types.ModuleType("pkg_resources")
+    stub.__doc__ = "placeholder registered by audio.metrics (setuptools >= 81 lacks it)"
 
-        def _missing(name):
-            def fail(*args, **kwargs):
-                raise ImportError(f"pkg_resources.{name} is unavailable (setuptools >= 81); "
-                                  f"audio.metrics registered a placeholder module")
-            return fail
+    def _missing(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
 
-        stub.__getattr__ = _missing  # type: ignore[attr-defined]
-        sys.modules["pkg_resources"] = stub
-    return importlib.import_module("sed_scores_eval")
+        def fail(*args, **kwargs):
+            raise ImportError(f"pkg_resources.{name} is unavailable (setuptools >= 81); "
+                              f"audio.metrics registered a placeholder module")
+        return fail
+
+    stub.__getattr__ = _missing  # type: ignore[attr-defined]
+    sys.modules["pkg_resources"] = stub
+    try:
+        return importlib.import_module("sed_scores_eval")
+    finally:
+        if sys.modules.get("pkg_resources") is stub:
+            del sys.modules["pkg_resources"]
 
 
 # --- AUROC -----------------------------------------------------------------------------------

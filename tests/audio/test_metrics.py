@@ -199,3 +199,15 @@ def test_perfect_scores_on_simulated_mixtures_give_psds_near_one():
     assert M.psds(scores, ts, grid_events, cfg.duration, classes, M.PSDS1).value == (
         pytest.approx(1.0))
     assert M.event_f1(scores, ts, grid_events, classes).f1_macro == pytest.approx(1.0)
+
+
+def test_sed_scores_eval_import_leaves_no_placeholder_behind():
+    """The pkg_resources placeholder (setuptools >= 81) must not outlive the import: other
+    libraries (transformers' lazy imports) broke on it when it stayed in sys.modules."""
+    import sys
+
+    from audio import metrics
+
+    metrics._sed_scores_eval()
+    module = sys.modules.get("pkg_resources")
+    assert module is None or "placeholder" not in (module.__doc__ or "")
