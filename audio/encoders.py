@@ -74,13 +74,13 @@ from flax import nnx
 
 import trainkit  # noqa: F401  (parameters keep logical axes as metadata)
 from audio import flam
-from audio.minilm import LayerNorm, MiniLM, MiniLMConfig, l2_normalize
-from llm_rl.models.layers import Dense, Embed, dot_product_attention
+from audio.minilm import MiniLM, MiniLMConfig, l2_normalize
+from llm_rl.models.layers import Dense, Embed, EncoderBlock, LayerNorm
 from trainkit.config import Config, field
 
 __all__ = [
     "AlphaBetaHeads", "AudioEncoder", "AudioEncoderConfig", "FlamConfig", "FlamModel",
-    "FlamOutputs", "Projection", "TextEncoder", "TextEncoderConfig", "TransformerBlock",
+    "FlamOutputs", "Projection", "TextEncoder", "TextEncoderConfig",
     "WordVocab", "count_params", "masked_mean", "output_frames", "preset_param_counts",
     "sinusoidal_positions",
 ]
@@ -272,33 +272,6 @@ def downsample_mask(mask: jax.Array, stride: int, length: int) -> jax.Array:
 # --- layers --------------------------------------------------------------------------------
 
 
-class TransformerBlock(nnx.Module):
-    """Pre-LN block: ``h = x + Attn(LN(x))``, ``y = h + W_2 GELU(W_1 LN(h))``.
-
-    ``mask [B, T, S]`` (True: query may attend key); multi-head attention with
-    ``softmax(q k^T / sqrt(H) + m) v`` per head
-    (:func:`llm_rl.models.layers.dot_product_attention`)."""
-
-    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        h = width // num_heads
-        dense = lambda i, o, axes: Dense(i, o, axes, use_bias=True, param_dtype=param_dtype,
-                                         rngs=rngs)
-        self.attn_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
-        self.query = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
-        self.key = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
-        self.value = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
-        self.out = dense((num_heads, h), (width,), ("heads", "head_dim", "embed"))
-        self.mlp_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
-        self.fc1 = dense((width,), (mlp_dim,), ("embed", "mlp"))
-        self.fc2 = dense((mlp_dim,), (width,), ("mlp", "embed"))
-
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        y = self.attn_norm(x)
-        x = x + self.out(dot_product_attention(self.query(y), self.key(y), self.value(y), mask))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
-
-
 def _conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """LeCun normal ``N(0, 1 / fan_in)``, ``fan_in = k_t k_m c_in``, untruncated. Sampled as a
     vector and reshaped: the same distribution as Flax's default up to truncation, but XLA on
@@ -335,9 +308,10 @@ class AudioEncoder(nnx.Module):
     ``(frames [B, L, D], clip [B, D], mask [B, L])`` with ``L = ceil(T / downsample)``:
     conv stem (``x[..., None]``, stages of :class:`ConvStage`, padded frames zeroed before
     each stage), flatten (mel x channels) -> Linear to D, plus sinusoidal positions,
-    ``depth`` :class:`TransformerBlock` s with padded keys masked, final LayerNorm; padded
-    output frames are set to 0; ``clip`` is the masked mean over valid frames (the official
-    FLAM global feature; see the module docstring). The valid frames must be a prefix."""
+    ``depth`` pre-LN :class:`~llm_rl.models.layers.EncoderBlock` s with padded keys masked,
+    final LayerNorm; padded output frames are set to 0; ``clip`` is the masked mean over valid
+    frames (the official FLAM global feature; see the module docstring). The valid frames must
+    be a prefix."""
 
     def __init__(self, cfg: AudioEncoderConfig, *, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -351,7 +325,7 @@ class AudioEncoder(nnx.Module):
         self.stem_out = Dense((cfg.stem_mels * cfg.stem_channels[-1],), (cfg.width,),
                               (None, "embed"), use_bias=True, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List([
-            TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps,
+            EncoderBlock(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps,
                              param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, eps=cfg.norm_eps, param_dtype=param_dtype)
 
@@ -389,8 +363,9 @@ class AudioEncoder(nnx.Module):
 class TextEncoder(nnx.Module):
     """Word-id transformer trained from scratch: ``encoder(ids [K, S], mask [K, S]) -> [K, D]``.
 
-    Token + learned position embeddings, ``depth`` pre-LN :class:`TransformerBlock` s (padded
-    keys masked), final LayerNorm, masked mean over the real tokens (float32 pooled output)."""
+    Token + learned position embeddings, ``depth`` pre-LN
+    :class:`~llm_rl.models.layers.EncoderBlock` s (padded keys masked), final LayerNorm, masked
+    mean over the real tokens (float32 pooled output)."""
 
     def __init__(self, cfg: TextEncoderConfig, *, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -399,7 +374,7 @@ class TextEncoder(nnx.Module):
         self.tokens = Embed(cfg.vocab_size, cfg.width, param_dtype=param_dtype, rngs=rngs)
         self.positions = Embed(cfg.max_length, cfg.width, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List([
-            TransformerBlock(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps,
+            EncoderBlock(cfg.width, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps,
                              param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, eps=cfg.norm_eps, param_dtype=param_dtype)
 

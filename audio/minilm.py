@@ -45,7 +45,7 @@ from flax import nnx
 import trainkit  # noqa: F401  (parameters keep logical axes as metadata)
 from llm_rl.models.checkpoint import CheckpointError, MissingTensorError, TensorShapeError
 from llm_rl.models.keymap import SAME, Flatten, KeyRule, Linear, find_rule
-from llm_rl.models.layers import Dense, Embed, dot_product_attention
+from llm_rl.models.layers import Dense, Embed, LayerNorm, dot_product_attention
 from trainkit.config import Config, ConfigError, field
 
 __all__ = [
@@ -168,25 +168,6 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 # --- layers --------------------------------------------------------------------------------
-
-
-class LayerNorm(nnx.Module):
-    """``y = (x - mean) / sqrt(var + eps) * scale + bias`` over the last axis (biased
-    variance, as ``torch.nn.LayerNorm``); statistics in float32, output in ``x.dtype``."""
-
-    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32,
-                 axes: Sequence[str | None] = ("embed",)):
-        self.eps = float(eps)
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=tuple(axes))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=tuple(axes))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class BertEmbeddings(nnx.Module):

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from generative import discrete_diffusion
+from llm_rl.models.layers import EncoderBlock
 from trainkit.config import Config, field
 
 
@@ -69,25 +70,6 @@ def time_embedding(t: jax.Array, features: int, max_period: float = 10_000.0) ->
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-class Block(nnx.Module):
-    def __init__(self, cfg: CodeDenoiserConfig, *, rngs: nnx.Rngs):
-        self.heads = cfg.heads
-        self.norm1 = nnx.LayerNorm(cfg.dim, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.dim, 3 * cfg.dim, rngs=rngs)
-        self.out = nnx.Linear(cfg.dim, cfg.dim, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(cfg.dim, rngs=rngs)
-        self.fc1 = nnx.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, s, d = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        shape = (b, s, self.heads, d // self.heads)
-        att = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape))
-        x = x + self.out(att.reshape(b, s, d))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x))))
-
-
 class CodeDenoiser(nnx.Module):
     def __init__(self, cfg: CodeDenoiserConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -95,7 +77,10 @@ class CodeDenoiser(nnx.Module):
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.length, cfg.dim)))
         self.time1 = nnx.Linear(cfg.time_features, cfg.dim, rngs=rngs)
         self.time2 = nnx.Linear(cfg.dim, cfg.dim, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([
+            EncoderBlock(cfg.dim, cfg.heads, cfg.mlp_ratio * cfg.dim, eps=1e-6,
+                         kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+            for _ in range(cfg.depth)])
         self.norm = nnx.LayerNorm(cfg.dim, rngs=rngs)
         self.head = nnx.Linear(cfg.dim, cfg.vocab_size + 1, rngs=rngs)
 

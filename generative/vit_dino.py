@@ -30,6 +30,19 @@ The teacher gets no gradient (``stop_gradient``); after each student update (Ada
 and ``tau_t`` warms up linearly from ``warmup_teacher_temp`` to ``teacher_temp``. Centring
 prevents one dimension from dominating, sharpening prevents the uniform collapse.
 
+Two anti-collapse tools of DINOv2 (Oquab et al. 2023, arXiv 2304.07193, Sec. 4) are options:
+``centering="sinkhorn"`` replaces ``softmax((g_t - C) / tau_t)`` by a 3-iteration
+Sinkhorn-Knopp equipartition of the batch's teacher outputs (:func:`sinkhorn_knopp`), and
+``koleo_weight > 0`` adds ``koleo_weight * sum_g KoLeo(CLS_s(x_g))`` (:func:`koleo_loss`), which
+spreads the student's backbone features of each global crop over the sphere.
+
+Initialisation: DINO's std-0.02 normal for every Linear (``ViTConfig.kernel_init="dino"``, the
+``paper`` preset) is made for widths of 384+. At the widths of the ``tiny``/``cpu`` presets it
+leaves the untrained CLS feature almost image-independent (mean cosine 0.998 between digits at
+width 32: only the 0.02-scaled attention path carries the image into the CLS token), so the
+centred teacher starts near uniform; those presets use a 1/fan-in variance instead
+(``kernel_init="fan_in"``). The patch embedding is always PyTorch's Conv2d default, as in DINO.
+
 **Which network gives the codes**: the teacher. DINO evaluates the teacher ("the teacher
 performs better than the student throughout training", Sec. 5.2 / Fig. 6 of the paper): it is a
 Polyak-Ruppert average of the student, smoother and more stable, and it is what the loss
@@ -58,10 +71,46 @@ from flax import nnx
 
 from generative import dlc
 from generative.sem import SEMConfig, SEMHead
+from llm_rl.models.layers import EncoderBlock
 from trainkit import guards
 from trainkit.config import Config, field
 
 _TRUNC_NORMAL = nnx.initializers.truncated_normal(0.02)  # DINO's _init_weights for Linear layers
+
+
+def _torch_conv_default_init(fan_in: int) -> Callable[..., jax.Array]:
+    """PyTorch's default ``nn.Conv2d`` initialisation of weight and bias (``kaiming_uniform_``
+    with ``a = sqrt(5)``): ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. DINO's patch embedding is a
+    Conv2d, which its ``_init_weights`` (Linear and LayerNorm only) leaves at this default."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _fan_in_trunc_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+                         ) -> jax.Array:
+    """Truncated normal with variance ``1 / fan_in`` (LeCun) for the kernels of ``nnx.Linear``
+    ``[in, out]`` and of :class:`~llm_rl.models.layers.EncoderBlock`: q/k/v ``[dim, heads,
+    head_dim]`` (fan-in ``dim``) and the output ``[heads, head_dim, dim]`` (fan-in
+    ``heads * head_dim``)."""
+    if len(shape) == 3 and shape[0] * shape[1] == shape[2]:
+        fan_in = shape[0] * shape[1]
+    else:
+        fan_in = shape[0]
+    # std of a unit normal truncated to [-2, 2] is 0.8796; rescale as variance_scaling does
+    return (jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+            / (0.87962566103423978 * math.sqrt(fan_in)))
+
+
+def _kernel_init(name: str) -> Callable[..., jax.Array]:
+    if name == "dino":
+        return _TRUNC_NORMAL
+    if name == "fan_in":
+        return _fan_in_trunc_normal
+    raise ValueError(f"kernel_init must be 'dino' or 'fan_in', got {name!r}")
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -77,6 +126,12 @@ class ViTConfig(Config):
     depth: int = field(4, ge=1, help="transformer blocks")
     heads: int = field(4, ge=1, help="attention heads (must divide dim)")
     mlp_ratio: int = field(4, ge=1, help="MLP hidden width / dim")
+    kernel_init: str = field(
+        "fan_in", choices=("fan_in", "dino"),
+        help="init of the transformer blocks' and the DINO head's kernels: truncated normal "
+             "with variance 1/fan_in, or DINO's fixed std 0.02 (made for widths >= 384; at "
+             "width 32 the untrained CLS feature hardly depends on the image, mean cosine "
+             "0.998 between digits, and DINO collapses)")
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -104,7 +159,8 @@ class ViTConfig(Config):
     def paper(cls) -> "ViTConfig":
         """DINO's ViT-S/16 (arXiv 2104.14294, Table 1 / Sec. 4): 224x224, 16 px patches, width
         384, 12 blocks, 6 heads."""
-        return cls(image_size=224, patch_size=16, dim=384, depth=12, heads=6, mlp_ratio=4)
+        return cls(image_size=224, patch_size=16, dim=384, depth=12, heads=6, mlp_ratio=4,
+                   kernel_init="dino")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +196,13 @@ class DINOConfig(Config):
     momentum: float = field(0.996, ge=0, le=1, help="m0: teacher EMA momentum at step 0 "
                                                      "(cosine schedule to 1)")
     center_momentum: float = field(0.9, ge=0, le=1, help="EMA momentum of the centre C")
+    centering: str = field("center", choices=("center", "sinkhorn"),
+                           help="how the teacher's outputs are centred: DINO's running centre "
+                                "(update_center) or DINOv2's Sinkhorn-Knopp (sinkhorn_knopp)")
+    sinkhorn_iterations: int = field(3, ge=1, help="Sinkhorn-Knopp iterations (DINOv2: 3)")
+    koleo_weight: float = field(0.0, ge=0, help="weight of the KoLeo regulariser on the "
+                                                 "student's CLS features of the global crops "
+                                                 "(DINOv2: 0.1; 0: off)")
     # Optimiser (AdamW, linear warmup + cosine decay, global-norm clipping).
     batch_size: int = field(64, ge=1, help="images per step")
     lr: float = field(5e-4, gt=0, help="peak learning rate")
@@ -167,10 +230,14 @@ class DINOConfig(Config):
 
     @classmethod
     def tiny(cls) -> "DINOConfig":
-        """Seconds on a CPU: the tests' config."""
+        """Seconds on a CPU: the tests' config. DINOv2's Sinkhorn-Knopp teacher, KoLeo 0.1 and
+        K=64: with DINO's running centre (and K=128) it collapsed to the uniform solution on
+        digits within ~30 steps (kNN below the untrained encoder); with these it keeps ~290
+        distinct codes of 300 and ends slightly above the untrained encoder (see the table in
+        tests/generative/test_vit_dino.py)."""
         return cls(vit=ViTConfig.tiny(), sem=SEMConfig(num_groups=8, group_size=16, tau=1.0),
-                   out_dim=128, head_hidden=64, head_bottleneck=32, n_local=2, batch_size=32,
-                   lr=1e-3, warmup_steps=10)
+                   out_dim=64, head_hidden=64, head_bottleneck=32, n_local=2, batch_size=32,
+                   lr=1e-3, warmup_steps=10, centering="sinkhorn", koleo_weight=0.1)
 
     @classmethod
     def cpu(cls) -> "DINOConfig":
@@ -179,8 +246,11 @@ class DINOConfig(Config):
         cores shared with other jobs (load ~6), i.e. about 6 min per 1000 steps, plus ~90 s
         of compilation; the previous default (patch 4, width 128, head 512/128, 2.58M params)
         measured 7.7 s/step."""
+        # Sinkhorn + KoLeo as in tiny (the running centre collapsed there); not yet measured at
+        # this size.
         return cls(vit=ViTConfig.cpu(), sem=SEMConfig(num_groups=16, group_size=32, tau=1.0),
-                   out_dim=1024, head_hidden=256, head_bottleneck=64)
+                   out_dim=1024, head_hidden=256, head_bottleneck=64, centering="sinkhorn",
+                   koleo_weight=0.1)
 
     @classmethod
     def paper(cls) -> "DINOConfig":
@@ -199,6 +269,48 @@ class DINOConfig(Config):
 # --- pure functions: loss, centre, EMA, schedules ---------------------------------------------
 
 
+def dino_cross_entropy(student_out: jax.Array, teacher_probs: jax.Array,
+                       student_temp: float | jax.Array, n_global: int) -> jax.Array:
+    """The multi-crop DINO cross-entropy given the teacher's target distributions::
+
+        log P_s^{(v)} = log_softmax(s_v / tau_s)        v = 1..n_crops  (student)
+        loss = 1/N sum_{g} sum_{v != g} mean_b [ -sum_k P_t^{(g)}_{bk} log P_s^{(v)}_{bk} ]
+
+    with ``N = n_global * n_crops - n_global`` pairs (student crop ``v`` and teacher crop ``g``
+    are the same view when ``v == g``; those pairs are skipped). :func:`dino_loss` (DINO's
+    centred teacher) and DINOv2's Sinkhorn-Knopp teacher (:func:`sinkhorn_knopp`) both end here.
+
+    Args:
+      student_out: ``[n_crops * B, K]`` student logits, crop-major (rows ``v*B:(v+1)*B`` are
+        crop ``v``; the first ``n_global`` crops are the global ones, in the teacher's order).
+      teacher_probs: ``[n_global * B, K]`` teacher target distributions of the global crops,
+        crop-major (rows sum to 1; no gradient flows into them).
+      student_temp: ``tau_s`` > 0.
+      n_global: number of global crops.
+    Returns:
+      scalar loss.
+    """
+    chex.assert_rank([student_out, teacher_probs], 2)
+    if n_global < 1:
+        raise ValueError(f"n_global must be >= 1, got {n_global}")
+    k = teacher_probs.shape[-1]
+    chex.assert_axis_dimension(student_out, -1, k)
+    if teacher_probs.shape[0] % n_global:
+        raise ValueError(f"teacher_out has {teacher_probs.shape[0]} rows, not a multiple of "
+                         f"n_global={n_global}")
+    b = teacher_probs.shape[0] // n_global
+    if student_out.shape[0] % b or student_out.shape[0] // b < n_global:
+        raise ValueError(f"student_out has {student_out.shape[0]} rows; expected n_crops * "
+                         f"{b} with n_crops >= n_global={n_global}")
+    n_crops = student_out.shape[0] // b
+    p_t = jax.lax.stop_gradient(teacher_probs).reshape(n_global, b, k)
+    log_p_s = jax.nn.log_softmax(student_out.reshape(n_crops, b, k) / student_temp, axis=-1)
+    # ce[g, v] = mean_b -sum_k P_t[g] log P_s[v]
+    ce = -jnp.einsum("gbk,vbk->gv", p_t, log_p_s) / b
+    mask = 1.0 - jnp.eye(n_global, n_crops, dtype=ce.dtype)
+    return jnp.sum(ce * mask) / (n_global * n_crops - n_global)
+
+
 def dino_loss(student_out: jax.Array, teacher_out: jax.Array, center: jax.Array,
               student_temp: float | jax.Array, teacher_temp: float | jax.Array,
               n_global: int) -> jax.Array:
@@ -208,8 +320,7 @@ def dino_loss(student_out: jax.Array, teacher_out: jax.Array, center: jax.Array,
         log P_s^{(v)} = log_softmax(s_v / tau_s)        v = 1..n_crops  (student)
         loss = 1/N sum_{g} sum_{v != g} mean_b [ -sum_k P_t^{(g)}_{bk} log P_s^{(v)}_{bk} ]
 
-    with ``N = n_global * n_crops - n_global`` pairs (crop ``v`` of the student and crop ``g``
-    of the teacher are the same view when ``v == g``; those pairs are skipped). For two crops
+    with ``N = n_global * n_crops - n_global`` pairs (:func:`dino_cross_entropy`). For two crops
     this is Algorithm 1's ``H(t1, s2)/2 + H(t2, s1)/2``.
 
     Args:
@@ -226,23 +337,77 @@ def dino_loss(student_out: jax.Array, teacher_out: jax.Array, center: jax.Array,
     if n_global < 1:
         raise ValueError(f"n_global must be >= 1, got {n_global}")
     k = teacher_out.shape[-1]
-    chex.assert_axis_dimension(student_out, -1, k)
-    if teacher_out.shape[0] % n_global:
-        raise ValueError(f"teacher_out has {teacher_out.shape[0]} rows, not a multiple of "
-                         f"n_global={n_global}")
-    b = teacher_out.shape[0] // n_global
-    if student_out.shape[0] % b or student_out.shape[0] // b < n_global:
-        raise ValueError(f"student_out has {student_out.shape[0]} rows; expected n_crops * "
-                         f"{b} with n_crops >= n_global={n_global}")
-    n_crops = student_out.shape[0] // b
     center = jnp.reshape(center, (k,))
-    t = jax.lax.stop_gradient(teacher_out).reshape(n_global, b, k)
+    t = jax.lax.stop_gradient(teacher_out)
     p_t = jax.nn.softmax((t - jax.lax.stop_gradient(center)) / teacher_temp, axis=-1)
-    log_p_s = jax.nn.log_softmax(student_out.reshape(n_crops, b, k) / student_temp, axis=-1)
-    # ce[g, v] = mean_b -sum_k P_t[g] log P_s[v]
-    ce = -jnp.einsum("gbk,vbk->gv", p_t, log_p_s) / b
-    mask = 1.0 - jnp.eye(n_global, n_crops, dtype=ce.dtype)
-    return jnp.sum(ce * mask) / (n_global * n_crops - n_global)
+    return dino_cross_entropy(student_out, p_t, student_temp, n_global)
+
+
+def sinkhorn_knopp(teacher_out: jax.Array, teacher_temp: float | jax.Array,
+                   n_iterations: int = 3) -> jax.Array:
+    """DINOv2's Sinkhorn-Knopp centring of the teacher (Oquab et al. 2023, arXiv 2304.07193,
+    Sec. 4, after SwAV, Caron et al. 2020, eq. 3; ``sinkhorn_knopp_teacher`` of the reference
+    code). With ``Q = exp(t / tau_t)^T`` (``[K, N]``, ``N`` rows of ``teacher_out``: all global
+    crops of the batch together) normalised to sum 1, each iteration rescales::
+
+        Q <- Q / (K * sum_n Q_{kn})      every prototype k gets total mass 1/K
+        Q <- Q / (N * sum_k Q_{kn})      every sample n gets total mass 1/N
+
+    and the targets are ``P_t = N Q^T`` (``[N, K]``, rows sum to 1): an (approximately)
+    equipartitioned soft assignment of the batch to the ``K`` prototypes, which replaces
+    ``softmax((t - C) / tau_t)`` in the DINO loss. Computed in float32 with a per-array max
+    subtracted before ``exp`` (it cancels in the first normalisation). No gradient.
+
+    Args:
+      teacher_out: ``[N, K]`` raw teacher logits.
+      teacher_temp: ``tau_t`` > 0.
+      n_iterations: Sinkhorn iterations (DINOv2: 3), >= 1.
+    Returns:
+      ``[N, K]`` target distributions.
+    """
+    chex.assert_rank(teacher_out, 2)
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    t = jax.lax.stop_gradient(teacher_out).astype(jnp.float32) / teacher_temp
+    q = jnp.exp(t - jnp.max(t)).T  # [K, N]
+    k, n = q.shape
+    q = q / jnp.sum(q)
+    for _ in range(n_iterations):
+        q = q / jnp.sum(q, axis=1, keepdims=True) / k
+        q = q / jnp.sum(q, axis=0, keepdims=True) / n
+    return (q * n).T
+
+
+def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """The KoLeo regulariser (Sablayrolles et al. 2019, "Spreading vectors for similarity
+    search", eq. 8; DINOv2 arXiv 2304.07193, Sec. 4, ``KoLeoLoss``): with ``x_i`` L2-normalised
+    and ``j(i)`` the nearest other row (largest dot product)::
+
+        L_koleo = -1/n sum_i log(||x_i - x_{j(i)} + eps||_2 + eps)
+
+    (the differential entropy estimator of Kozachenko-Leonenko, up to constants). Minimising it
+    pushes every feature away from its nearest neighbour, spreading the batch over the sphere.
+    The gradient flows through both ``x_i`` and ``x_{j(i)}``; the neighbour choice is discrete.
+
+    Args:
+      x: ``[n, d]`` features, ``n >= 2``.
+      eps: DINOv2's 1e-8, in the normalisation, in the distance (``nn.PairwiseDistance``
+        adds it to the difference) and in the log.
+    Returns:
+      scalar loss.
+    """
+    chex.assert_rank(x, 2)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"koleo_loss needs at least 2 rows, got {n}")
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    dots = jax.lax.stop_gradient(x @ x.T)
+    dots = jnp.where(jnp.eye(n, dtype=bool), -1.0, dots)  # DINOv2 fills the diagonal with -1
+    nn_idx = jnp.argmax(dots, axis=1)
+    diff = x - x[nn_idx] + eps
+    dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+    return -jnp.mean(jnp.log(dist + eps))
 
 
 def update_center(center: jax.Array, teacher_out: jax.Array, momentum: float | jax.Array
@@ -399,28 +564,6 @@ def multi_crop(key: jax.Array, images: jax.Array, cfg: DINOConfig
 # --- models ------------------------------------------------------------------------------------
 
 
-class Block(nnx.Module):
-    """Pre-LN transformer block: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))`` (GELU)."""
-
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        self.heads = cfg.heads
-        lin = lambda i, o: nnx.Linear(i, o, kernel_init=_TRUNC_NORMAL, rngs=rngs)  # noqa: E731
-        self.norm1 = nnx.LayerNorm(cfg.dim, epsilon=1e-6, rngs=rngs)
-        self.qkv = lin(cfg.dim, 3 * cfg.dim)
-        self.out = lin(cfg.dim, cfg.dim)
-        self.norm2 = nnx.LayerNorm(cfg.dim, epsilon=1e-6, rngs=rngs)
-        self.fc1 = lin(cfg.dim, cfg.mlp_ratio * cfg.dim)
-        self.fc2 = lin(cfg.mlp_ratio * cfg.dim, cfg.dim)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, s, d = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        shape = (b, s, self.heads, d // self.heads)
-        att = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape))
-        x = x + self.out(att.reshape(b, s, d))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
-
-
 @functools.lru_cache(maxsize=None)
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]``: ``jax.image.resize(..., method="bicubic")`` along one axis as a matrix
@@ -436,20 +579,29 @@ class ViT(nnx.Module):
 
     Patch embedding (a linear map of each flattened ``p x p`` patch, the same as a stride-``p``
     convolution), a learned CLS token, learned position embeddings for the ``grid x grid``
-    patches of an ``image_size`` image (plus one for CLS), ``depth`` pre-LN blocks and a final
-    LayerNorm. An input of another size (DINO's local crops) gets the patch position embeddings
-    resized bicubically to its ``(H/p) x (W/p)`` grid (DINO's ``interpolate_pos_encoding``;
-    ``jax.image.resize`` weights, precomputed as two small matrices).
+    patches of an ``image_size`` image (plus one for CLS), ``depth`` pre-LN blocks
+    (:class:`~llm_rl.models.layers.EncoderBlock`) and a final LayerNorm. An input of another
+    size (DINO's local crops) gets the patch position embeddings resized bicubically to its
+    ``(H/p) x (W/p)`` grid (DINO's ``interpolate_pos_encoding``; ``jax.image.resize`` weights,
+    precomputed as two small matrices).
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         p = cfg.patch_size
-        self.patch = nnx.Linear(p * p * cfg.in_channels, cfg.dim, kernel_init=_TRUNC_NORMAL,
+        fan_in = p * p * cfg.in_channels
+        # DINO's PatchEmbed is an nn.Conv2d at PyTorch's default init, U(+-1/sqrt(fan_in)) for
+        # weight and bias, not the 0.02 normal of its Linear layers: with 0.02 the untrained
+        # CLS feature hardly depends on the image (mean cosine 0.998 between digits at width 32).
+        conv_init = _torch_conv_default_init(fan_in)
+        self.patch = nnx.Linear(fan_in, cfg.dim, kernel_init=conv_init, bias_init=conv_init,
                                 rngs=rngs)
+        kernel_init = _kernel_init(cfg.kernel_init)
         self.cls = nnx.Param(_TRUNC_NORMAL(rngs.params(), (1, 1, cfg.dim)))
         self.pos = nnx.Param(_TRUNC_NORMAL(rngs.params(), (1, cfg.grid * cfg.grid + 1, cfg.dim)))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([
+            EncoderBlock(cfg.dim, cfg.heads, cfg.mlp_ratio * cfg.dim, eps=1e-6,
+                         kernel_init=kernel_init, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = nnx.LayerNorm(cfg.dim, epsilon=1e-6, rngs=rngs)
 
     def position_embedding(self, gh: int, gw: int) -> jax.Array:
@@ -494,7 +646,8 @@ class DINOHead(nnx.Module):
     fixed when ``norm_last_layer`` (DINO's default for stability), else a learned ``g``."""
 
     def __init__(self, in_dim: int, cfg: DINOConfig, *, rngs: nnx.Rngs):
-        lin = lambda i, o: nnx.Linear(i, o, kernel_init=_TRUNC_NORMAL, rngs=rngs)  # noqa: E731
+        init = _kernel_init(cfg.vit.kernel_init)
+        lin = lambda i, o: nnx.Linear(i, o, kernel_init=init, rngs=rngs)  # noqa: E731
         if cfg.head_layers == 1:
             dims = [in_dim, cfg.head_bottleneck]
         else:
@@ -530,6 +683,13 @@ class DINOModel(nnx.Module):
 
     def embed(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.sem(self.backbone(x), return_logits=True)
+
+    def features(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(logits [B, K], cls [B, dim])``: the DINO logits and the backbone's CLS feature
+        (KoLeo's input) from one forward pass."""
+        h = self.backbone(x)
+        probs = self.sem(h)
+        return self.head(probs.reshape(probs.shape[0], -1)), h
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probs, _ = self.embed(x)
@@ -579,29 +739,57 @@ def init_state(model: DINOModel, optimizer: optax.GradientTransformation
     return graphdef, state
 
 
+def teacher_targets(teacher_out: jax.Array, center: jax.Array, teacher_temp: float | jax.Array,
+                    centering: str = "center", sinkhorn_iterations: int = 3) -> jax.Array:
+    """The teacher's target distributions ``[N, K]`` from its raw logits ``[N, K]``:
+    ``softmax((t - C) / tau_t)`` (``centering="center"``, DINO) or
+    ``sinkhorn_knopp(t, tau_t, sinkhorn_iterations)`` over all ``N`` rows (``"sinkhorn"``,
+    DINOv2; ``center`` is then unused)."""
+    if centering == "center":
+        k = teacher_out.shape[-1]
+        return jax.nn.softmax((teacher_out - jnp.reshape(center, (k,))) / teacher_temp, axis=-1)
+    if centering == "sinkhorn":
+        return sinkhorn_knopp(teacher_out, teacher_temp, sinkhorn_iterations)
+    raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+
+
 def dino_objective(student_params: Any, teacher_params: Any, graphdef: nnx.GraphDef,
                    center: jax.Array, global_crops: jax.Array, local_crops: jax.Array | None,
-                   student_temp: float | jax.Array, teacher_temp: float | jax.Array
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The DINO loss of one batch of crops as a function of both parameter sets.
+                   student_temp: float | jax.Array, teacher_temp: float | jax.Array,
+                   centering: str = "center", sinkhorn_iterations: int = 3,
+                   koleo_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The DINO loss of one batch of crops as a function of both parameter sets::
+
+        loss = dino_cross_entropy(student, teacher_targets(teacher)) 
+               + koleo_weight * sum_{g in global} koleo_loss(CLS_student(x_g))
 
     The teacher runs on the ``[n_global, B, ...]`` global crops under ``stop_gradient`` (so
     ``d loss / d teacher_params = 0``), the student on the global and the local crops (one
-    forward per crop size). Returns ``(loss, aux)`` with ``aux["teacher_out"]`` (raw teacher
-    logits ``[n_global B, K]``, for the centre update) and the teacher's mean entropy."""
+    forward per crop size). The KoLeo term (DINOv2) is taken per global crop over the batch on
+    the student's backbone CLS features, and summed over the global crops. Returns
+    ``(loss, aux)`` with ``aux["teacher_out"]`` (raw teacher logits ``[n_global B, K]``, for the
+    centre update), the teacher targets' mean entropy, and the DINO and KoLeo terms."""
     n_global = global_crops.shape[0]
     flat = lambda c: c.reshape(-1, *c.shape[2:])  # noqa: E731
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
     teacher_out = jax.lax.stop_gradient(teacher(flat(global_crops)))
     student = nnx.merge(graphdef, student_params)
-    student_out = [student(flat(global_crops))]
+    s_global, cls = student.features(flat(global_crops))
+    student_out = [s_global]
     if local_crops is not None:
         student_out.append(student(flat(local_crops)))
     student_out = jnp.concatenate(student_out, axis=0)
-    loss = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, n_global)
-    p_t = jax.nn.softmax((teacher_out - center) / teacher_temp, axis=-1)
+    p_t = jax.lax.stop_gradient(
+        teacher_targets(teacher_out, center, teacher_temp, centering, sinkhorn_iterations))
+    dino = dino_cross_entropy(student_out, p_t, student_temp, n_global)
+    if koleo_weight > 0:
+        koleo = sum(koleo_loss(c) for c in cls.reshape(n_global, -1, cls.shape[-1]))
+    else:
+        koleo = jnp.zeros(())
+    loss = dino + koleo_weight * koleo
     entropy = -jnp.mean(jnp.sum(p_t * jnp.log(jnp.maximum(p_t, 1e-30)), axis=-1))
-    return loss, {"teacher_out": teacher_out, "teacher_entropy": entropy}
+    return loss, {"teacher_out": teacher_out, "teacher_entropy": entropy, "dino_loss": dino,
+                  "koleo_loss": koleo}
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -622,7 +810,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                                        cfg.teacher_temp_warmup_steps)
         (loss, aux), grads = jax.value_and_grad(dino_objective, has_aux=True)(
             state.student, state.teacher, graphdef, state.center, global_crops, local_crops,
-            cfg.student_temp, t_temp)
+            cfg.student_temp, t_temp, cfg.centering, cfg.sinkhorn_iterations, cfg.koleo_weight)
         student, opt_state, guard, gm = guards.guarded_update(
             optimizer, grads, state.opt_state, state.student, loss, state.guard)
         m = momentum_schedule(state.step, total_steps, cfg.momentum)
@@ -630,7 +818,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         center = update_center(state.center, aux["teacher_out"], cfg.center_momentum)
         new = DINOState(student=student, teacher=teacher, opt_state=opt_state, center=center,
                         step=state.step + 1, guard=guard)
-        metrics = {"loss": loss, "teacher_entropy": aux["teacher_entropy"],
+        metrics = {"loss": loss, "dino_loss": aux["dino_loss"], "koleo_loss": aux["koleo_loss"],
+                   "teacher_entropy": aux["teacher_entropy"],
                    "grad_norm": optax.global_norm(grads), "momentum": m, "teacher_temp": t_temp,
                    **gm}
         return new, metrics

@@ -1,6 +1,8 @@
 """Building blocks shared by the decoder-only LMs (Qwen2/2.5, Qwen3, Llama 3): config base,
 RMSNorm, rotary embeddings (with Llama-3 frequency scaling), SwiGLU MLP, grouped-query
-attention with a causal + padding mask, the decoder trunk, the LM and the value model.
+attention with a causal + padding mask, the decoder trunk, the LM and the value model; and the
+library's shared layers: ``Dense`` with logical axes, ``LayerNorm``, the bidirectional
+pre-LN ``EncoderBlock`` (used by the audio encoders and the generative ViT / code denoiser).
 
 Every parameter carries logical axis names (``nnx.Param(..., out_sharding=(...))``); the
 rules table of :mod:`trainkit.sharding` maps them onto the mesh. The labelling is
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import chex
 import jax
@@ -217,14 +219,22 @@ def _param(rngs: nnx.Rngs | None, kind: str, shape: Sequence[int], dtype: Any,
 
 class Dense(nnx.Module):
     """``y = x . W + b`` contracting the trailing ``len(in_shape)`` dims of ``x`` with the
-    leading dims of ``W`` (shape ``in_shape + out_shape``), so heads stay a separate axis."""
+    leading dims of ``W`` (shape ``in_shape + out_shape``), so heads stay a separate axis.
+
+    ``kernel_init(key, shape, dtype)`` replaces the default ``normal(0.02)`` (the HF LMs'
+    initialiser); biases start at zero."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
-                 axes: Sequence[str | None], *, use_bias: bool, param_dtype: Any, rngs: nnx.Rngs):
+                 axes: Sequence[str | None], *, use_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
+                 kernel_init: Callable[..., jax.Array] | None = None):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         assert len(axes) == len(in_shape) + len(out_shape), (axes, in_shape, out_shape)
         self.n_in = len(in_shape)
-        self.kernel = _param(rngs, "normal", in_shape + out_shape, param_dtype, axes)
+        if kernel_init is None:
+            self.kernel = _param(rngs, "normal", in_shape + out_shape, param_dtype, axes)
+        else:
+            self.kernel = nnx.Param(kernel_init(rngs.params(), in_shape + out_shape, param_dtype),
+                                    out_sharding=tuple(axes))
         self.bias = (_param(rngs, "zeros", out_shape, param_dtype, axes[self.n_in:])
                      if use_bias else None)
 
@@ -342,6 +352,25 @@ def causal_padding_mask(attention_mask: jax.Array, q_len: int, q_offset: int | j
     return causal[None] & (attention_mask[:, None, :] != 0)
 
 
+class LayerNorm(nnx.Module):
+    """``y = (x - mean) / sqrt(var + eps) * scale + bias`` over the last axis (biased
+    variance, as ``torch.nn.LayerNorm``); statistics in float32, output in ``x.dtype``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32,
+                 axes: Sequence[str | None] = ("embed",)):
+        self.eps = float(eps)
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=tuple(axes))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float | None = None) -> jax.Array:
     """Grouped-query attention ``softmax(q k^T * scale + m) v``.
@@ -363,6 +392,44 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+class EncoderBlock(nnx.Module):
+    """Bidirectional pre-LN transformer block (ViT, BERT-style encoders without the post-LN):
+    ``h = x + W_o Attn(LN_1(x))``, ``y = h + W_2 GELU(W_1 LN_2(h))``, exact (erf) GELU.
+
+    Attention is :func:`dot_product_attention` with separate q/k/v projections
+    ``("embed", "heads", "head_dim")`` and ``mask [B, T, T]`` (True: query may attend key; None:
+    every key). The one encoder block of the library: the audio and text encoders of
+    :mod:`audio.encoders`, the ViT of :mod:`generative.vit_dino` and the code denoiser of
+    :mod:`generative.code_denoiser` stack it. ``kernel_init`` as in :class:`Dense`."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 kernel_init: Callable[..., jax.Array] | None = None):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not a multiple of num_heads {num_heads}")
+        h = width // num_heads
+
+        def dense(i, o, axes):
+            return Dense(i, o, axes, use_bias=True, param_dtype=param_dtype, rngs=rngs,
+                         kernel_init=kernel_init)
+
+        self.attn_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.query = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.key = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.value = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.out = dense((num_heads, h), (width,), ("heads", "head_dim", "embed"))
+        self.mlp_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.fc1 = dense((width,), (mlp_dim,), ("embed", "mlp"))
+        self.fc2 = dense((mlp_dim,), (width,), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if mask is None:
+            mask = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
+        y = self.attn_norm(x)
+        x = x + self.out(dot_product_attention(self.query(y), self.key(y), self.value(y), mask))
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
 
 
 class Attention(nnx.Module):

@@ -150,6 +150,108 @@ class DinoLossTest(chex.TestCase):
             vd.dino_loss(jnp.ones((4, 4)), jnp.ones((4, 4)), jnp.zeros(4), 0.1, 0.04, 0)
 
 
+# --- DINOv2's Sinkhorn-Knopp teacher and KoLeo, against NumPy transcriptions ----------------------
+
+
+def np_sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):
+    """dinov2/loss/dino_clstoken_loss.py DINOLoss.sinkhorn_knopp_teacher, one process."""
+    Q = np.exp(teacher_output / teacher_temp).T  # K x B
+    B, K = Q.shape[1], Q.shape[0]
+    Q = Q / Q.sum()
+    for _ in range(n_iterations):
+        Q = Q / Q.sum(axis=1, keepdims=True)
+        Q = Q / K
+        Q = Q / Q.sum(axis=0, keepdims=True)
+        Q = Q / B
+    Q = Q * B
+    return Q.T
+
+
+def np_koleo(x, eps=1e-8):
+    """dinov2/loss/koleo_loss.py KoLeoLoss.forward: F.normalize, diagonal -1, argmax, then
+    nn.PairwiseDistance(2, eps) (which adds eps to the difference) and -log(d + eps)."""
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    dots = x @ x.T
+    np.fill_diagonal(dots, -1)
+    idx = np.argmax(dots, axis=1)
+    d = np.linalg.norm(x - x[idx] + eps, axis=-1)
+    return -np.log(d + eps).mean()
+
+
+class Dinov2Test(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @SETTINGS
+    @given(seed=seeds, n=st.sampled_from([4, 9]), k=st.sampled_from([3, 16]),
+           tpt=st.floats(0.04, 1.0), iters=st.integers(1, 5))
+    def test_sinkhorn_matches_dinov2(self, seed, n, k, tpt, iters):
+        t = 0.5 * _rng(seed).standard_normal((n, k))  # cosine-scale logits, as the head's
+        want = np_sinkhorn_knopp_teacher(t, tpt, iters)
+        fn = self.variant(vd.sinkhorn_knopp, static_argnums=(2,))
+        got = np.asarray(fn(jnp.asarray(t, jnp.float32), tpt, iters))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)  # the last step normalises rows
+
+    def test_sinkhorn_converges_to_equipartition_and_ignores_a_shared_offset(self):
+        r = _rng(3)
+        t = r.standard_normal((12, 5))
+        p = np.asarray(vd.sinkhorn_knopp(jnp.asarray(t, jnp.float32), 0.5, 200))
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(p.sum(0), 12 / 5, atol=1e-4)  # every prototype gets N/K
+        # an image-independent logit vector (what a centre removes) leaves the targets unchanged
+        shifted = jnp.asarray(t + 3.0 * r.standard_normal(5), jnp.float32)
+        np.testing.assert_allclose(vd.sinkhorn_knopp(shifted, 0.5, 200), p, atol=1e-4)
+        with pytest.raises(ValueError, match="n_iterations"):
+            vd.sinkhorn_knopp(jnp.ones((3, 2)), 0.1, 0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @SETTINGS
+    @given(seed=seeds, n=st.sampled_from([2, 7]), d=st.sampled_from([3, 8]))
+    def test_koleo_matches_dinov2_and_its_gradient(self, seed, n, d):
+        x = _rng(seed).standard_normal((n, d))
+        fn = self.variant(vd.koleo_loss)
+        np.testing.assert_allclose(float(fn(jnp.asarray(x, jnp.float32))), np_koleo(x),
+                                   rtol=1e-5, atol=1e-5)
+        # gradient against central differences of the NumPy transcription (nearest neighbours
+        # do not change under a 1e-5 step for generic points)
+        with jax.enable_x64(True):
+            g = np.asarray(jax.grad(vd.koleo_loss)(jnp.asarray(x)))
+        h, num = 1e-6, np.zeros_like(x)
+        for i in range(n):
+            for j in range(d):
+                e = np.zeros_like(x)
+                e[i, j] = h
+                num[i, j] = (np_koleo(x + e) - np_koleo(x - e)) / (2 * h)
+        np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
+
+    def test_koleo_closed_forms(self):
+        # the 4 vertices of a square on the unit circle: nearest distance sqrt(2) for all
+        sq = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+        assert float(vd.koleo_loss(sq)) == pytest.approx(-np.log(np.sqrt(2)), abs=1e-6)
+        # scale does not matter (rows are normalised): an equilateral triangle on the circle,
+        # nearest distance sqrt(3)
+        a = 2 * np.pi * np.arange(3) / 3
+        tri = np.stack([np.cos(a), np.sin(a)], 1) * np.array([[3.0], [0.5], [1.0]])
+        assert float(vd.koleo_loss(jnp.asarray(tri, jnp.float32))) == \
+            pytest.approx(-np.log(np.sqrt(3.0)), abs=1e-6)
+        with pytest.raises(ValueError, match="at least 2"):
+            vd.koleo_loss(jnp.ones((1, 3)))
+
+    def test_teacher_targets_and_config(self):
+        r = _rng(4)
+        t = jnp.asarray(r.standard_normal((6, 5)), jnp.float32)
+        c = jnp.asarray(r.standard_normal(5), jnp.float32)
+        np.testing.assert_allclose(vd.teacher_targets(t, c, 0.1, "center"),
+                                   _np_softmax((np.asarray(t) - np.asarray(c)) / 0.1), atol=1e-6)
+        np.testing.assert_allclose(vd.teacher_targets(t, c, 0.1, "sinkhorn", 4),
+                                   vd.sinkhorn_knopp(t, 0.1, 4), atol=1e-7)
+        with pytest.raises(ValueError, match="centering"):
+            vd.teacher_targets(t, c, 0.1, "mean")
+        with pytest.raises(ConfigError, match="centering"):
+            vd.DINOConfig(centering="mean")
+        with pytest.raises(ConfigError, match="koleo_weight"):
+            vd.DINOConfig(koleo_weight=-0.1)
+
+
 # --- centre, EMA, schedules ----------------------------------------------------------------------
 
 
@@ -280,6 +382,29 @@ class ModelTest(chex.TestCase):
         np.testing.assert_allclose(head(jnp.asarray(x)), out, atol=1e-6)
         assert np.all(np.abs(np.asarray(out)) <= 1 + 1e-6)
 
+    def test_kernel_inits(self):
+        cfg = vd.ViTConfig(image_size=16, patch_size=4, dim=48, depth=1, heads=4, mlp_ratio=2)
+        vit = vd.ViT(cfg, rngs=nnx.Rngs(0))
+        # patch embedding: PyTorch's Conv2d default, U(+-1/sqrt(fan_in)) for weight and bias
+        bound = 1 / np.sqrt(4 * 4 * 3)
+        for w in (vit.patch.kernel[...], vit.patch.bias[...]):
+            w = np.asarray(w)
+            assert np.all(np.abs(w) <= bound) and np.abs(w).max() > 0.9 * bound
+        k = np.asarray(vit.patch.kernel[...])
+        assert abs(k.std() - bound / np.sqrt(3)) < 0.1 * bound
+        # fan_in: std 1/sqrt(fan_in) for q (fan-in dim), out (heads * head_dim) and the MLP
+        blk = vit.blocks[0]
+        for w, fan_in in ((blk.query.kernel, 48), (blk.out.kernel, 48), (blk.fc1.kernel, 48),
+                          (blk.fc2.kernel, 96)):
+            w = np.asarray(w[...])
+            assert abs(w.std() * np.sqrt(fan_in) - 1) < 0.1, (w.shape, w.std())
+        dino = vd.ViT(vd.ViTConfig(**{**_fields(cfg), "kernel_init": "dino"}), rngs=nnx.Rngs(0))
+        # flax's truncated_normal(0.02) cuts at +-2 std: std 0.02 * 0.8796 (PyTorch's
+        # trunc_normal_(std=0.02) cuts at +-2 absolute, i.e. not at all: std 0.02)
+        assert abs(np.asarray(dino.blocks[0].fc1.kernel[...]).std() - 0.02 * 0.8796) < 0.0015
+        with pytest.raises(ConfigError, match="kernel_init"):
+            vd.ViTConfig(kernel_init="xavier")
+
     def test_config_validation(self):
         with pytest.raises(ConfigError, match="heads"):
             vd.ViTConfig(dim=30, heads=4)
@@ -393,6 +518,33 @@ def test_teacher_has_no_gradient(micro_step):
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_s)) > 0
 
 
+@pytest.mark.slow  # compiles the objective (~10-30 s on 2 shared cores)
+def test_objective_adds_koleo_of_student_cls_and_sinkhorn_targets(micro_step):
+    cfg, graphdef, state, _ = micro_step
+    glob, loc = vd.multi_crop(jax.random.key(1), _images(4, size=16), cfg)
+    teacher = jax.tree.map(lambda p: p + 0.01, state.student)
+    center = jnp.zeros((cfg.out_dim,))
+    obj = jax.jit(vd.dino_objective, static_argnums=(2, 8, 9, 10))
+    loss, aux = obj(state.student, teacher, graphdef, center, glob, loc, 0.1, 0.04,
+                    "sinkhorn", 3, 0.5)
+    # rebuild both terms from the models' forward passes and the NumPy transcriptions
+    flat = lambda c: np.asarray(c).reshape(-1, *c.shape[2:])  # noqa: E731
+    t_out = np.asarray(_apply(graphdef, teacher, flat(glob)), np.float64)
+    s_out = np.concatenate([np.asarray(_apply(graphdef, state.student, flat(glob))),
+                            np.asarray(_apply(graphdef, state.student, flat(loc)))])
+    p_t = np_sinkhorn_knopp_teacher(t_out, 0.04, 3)
+    b, k = 4, cfg.out_dim
+    log_p_s = _np_log_softmax(s_out.reshape(-1, b, k) / 0.1)
+    ce = [-(p_t.reshape(2, b, k)[g] * log_p_s[v]).sum(-1).mean()
+          for g in range(2) for v in range(3) if v != g]
+    student = nnx.merge(graphdef, state.student)
+    cls = np.asarray(nnx.jit(lambda m, x: m.backbone(x))(student, flat(glob)), np.float64)
+    koleo = np_koleo(cls[:b]) + np_koleo(cls[b:])
+    np.testing.assert_allclose(float(aux["dino_loss"]), np.mean(ce), rtol=1e-4)
+    np.testing.assert_allclose(float(aux["koleo_loss"]), koleo, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), np.mean(ce) + 0.5 * koleo, rtol=1e-4)
+
+
 @pytest.mark.slow  # compiles the full train step (~20-60 s on 2 shared cores)
 def test_step_updates_student_then_ema_teacher_and_center(micro_step):
     cfg, graphdef, state, step = micro_step
@@ -501,43 +653,50 @@ class KnnTest(chex.TestCase):
 # --- a short training run -------------------------------------------------------------------------
 
 
-# What was tried (tiny preset, 400 train / 300 held-out digits, 300 steps, seed 0, kNN k=20 on
-# the teacher; "traj" is loss / teacher entropy at steps 0 -> 20 -> 299, log K = 4.85).
-# Untrained encoder: SEM 0.27, codes 0.16, CLS 0.25 (0.02 init) / SEM 0.33, codes 0.20, CLS
-# 0.31 (fan-in init); chance 0.10.
+# Second attempt (driver /tmp/dino_exp2/run.py, log /tmp/dino_exp2/log.jsonl): 300 steps, seed 0,
+# batch 32, kNN k=20 of the teacher on the last 300 digits; "traj" is DINO loss (+ KoLeo where on)
+# and teacher-target entropy, steps 0 -> 299. Untrained encoder (fan-in init): SEM 0.393, codes
+# 0.243, CLS 0.407 with 400 training digits; 0.477 / 0.283 / 0.507 with 1497; chance 0.10.
 #
-# | change (from the tiny preset)                     | traj                 | SEM   | codes | CLS   | distinct |
-# |---------------------------------------------------|----------------------|-------|-------|-------|----------|
-# | none                                              | 3.9/3.7 -> 4.85/4.85 | 0.210 | 0.160 | 0.217 | 8        |
-# | SEM layer off (head on the linear projection)     | 3.4/3.1 -> 4.85/4.85 | 0.193 | 0.120 | 0.223 | 3        |
-# | input normalised by data mean/std (-0.39, 0.65)   | 4.0/3.8 -> 4.85/4.85 | 0.187 | 0.137 | 0.193 | 2        |
-# | lr 1e-4                                           | 3.2/2.6 -> 4.85/4.85 | 0.243 | 0.110 | 0.240 | 4        |
-# | fan-in (lecun) init of every Linear ("init")      | 3.8/2.1 -> 4.85/4.82 | 0.313 | 0.170 | 0.303 | 5        |
-# | init + last layer frozen 100 steps (DINO freeze)  | 3.8/2.1 -> 4.85/4.80 | 0.300 | 0.123 | 0.307 | 9        |
-# | init + no local crops                             | 3.4/2.1 -> 4.80/4.63 | 0.307 | 0.143 | 0.343 | 19       |
-# | init + EMA m0 0.9                                 | 3.8/2.1 -> 6.44/4.83 (1.76/1.71 at step 80) | 0.287 | 0.087 | 0.313 | 12 |
-# | init + m0 0.99 + tau_t 0.04 -> 0.07 over 100      | 3.8/2.1 -> 4.85/4.85 | 0.270 | 0.103 | 0.273 | 3        |
-# | init + m0 0.99 + lr 6.25e-5 (5e-4 B/256), wu 30   | 3.8/2.1 -> 5.09/4.66 | 0.360 | 0.197 | 0.390 | 15       |
+# Bug hunt: frozen teacher (m=1) and frozen zero centre: loss 3.20 -> 2.61 with the teacher
+# entropy at 2.57, i.e. the student matches the teacher (KL ~0.04): the gradient/optimiser path
+# is right. dino_loss/update_center/ema/head/step were rechecked against the reference code
+# (and the NumPy oracles below); no bug. The real cause: DINO's std-0.02 init at width 32 makes
+# the untrained CLS feature nearly image-independent (mean cosine 0.998 between digits), so
+# the centred teacher has nothing to sharpen. The patch embedding is now PyTorch's Conv2d
+# default (as in DINO) and the blocks/head use a 1/fan-in variance (cosine 0.887).
 #
-# Findings: the SEM layer and the input scaling are not the cause (collapse without them). At
-# step 0 the grad norm is ~3600 with the 0.02 init: at width 32-64, trunc_normal(0.02) (DINO's
-# constant, made for widths of 384+) shrinks the head MLP's signal by ~0.02 sqrt(width) per layer,
-# so the L2-normalised bottleneck divides by a tiny norm; the teacher's logits hardly differ
-# between images, and once the centre (momentum 0.9) has caught up, ~20 steps, the centred
-# teacher is near uniform. The student then collapses within ~20 steps in every variant. Only
-# the DINO lr-scaling rule with a fan-in init moved the kNN above the untrained encoder (0.36 vs
-# 0.33 SEM), not yet a clear win; a longer run of that setting is the next thing to try.
+# | change (tiny, fan-in init, 400 digits unless said)  | traj                 | SEM   | codes | CLS   | distinct |
+# |------------------------------------------------------|----------------------|-------|-------|-------|----------|
+# | DINO 0.02 init, running centre, K=128 (old default)  | 3.2/2.5 -> 4.85/4.85 | 0.230 | 0.097 | 0.257 | 6        |
+# | fan-in init, running centre                          | 2.4/0.9 -> 4.85/4.84 | 0.357 | 0.140 | 0.337 | 9        |
+# | + Sinkhorn-Knopp teacher (3 its)                     | 6.4/3.9 -> 4.85/4.80 | 0.347 | 0.183 | 0.350 | 25       |
+# | + Sinkhorn + KoLeo 0.1                               | 6.6/3.9 -> 4.84/4.64 | 0.413 | 0.290 | 0.453 | 279      |
+# | + Sinkhorn + KoLeo 0.1 + tau_t 0.02                  | 6.5/2.9 -> 4.84/4.07 | 0.390 | 0.327 | 0.463 | 289      |
+# | + Sinkhorn + KoLeo 0.1, K=64, 1497 digits            | 6.1/3.3 -> 4.16/3.86 | 0.513 | 0.327 | 0.560 | 288      |
+# | same + tau_t 0.02 + lr 6.25e-5 (5e-4 B/256)          | 6.0/2.4 -> 4.22/2.45 | 0.437 | 0.287 | 0.487 | 169      |
+#
+# First attempt (0.02 init, 400/300 digits from index 400): still informative: the SEM layer and
+# the input scaling are not the cause (collapse without them); lr 1e-4, DINO's last-layer
+# freeze, no local crops, m0 0.9/0.99, tau_t 0.04 -> 0.07 all collapsed as well.
+#
+# Where it stands: Sinkhorn + KoLeo stop the code collapse (~290 distinct codes) and put SEM /
+# codes / CLS above 2x chance and a little above the untrained encoder (+0.04 SEM, +0.04 codes,
+# +0.05 CLS with 1497 digits), but the DINO term still ends at log K (the student's
+# distribution goes uniform; KoLeo alone spreads the CLS features), so it is not yet learning.
+# Next to try: longer runs (1000+ steps) of the K=64 row, milder crops for 8x8 digits
+# (local crops of 5-40% of a 32 px upscaled digit cover 1-3 original pixels), tau_s 0.1 -> 0.2.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "observed: the tiny preset collapses to the uniform solution (loss -> log K, teacher "
-    "entropy -> log K within ~20-30 steps; kNN 0.21 SEM / 0.16 codes vs 0.27 untrained). Not "
-    "the SEM layer (collapses without it) nor input scaling; DINO's 0.02 init at width 32 makes "
-    "the teacher's centred outputs near uniform. None of the changes in the table above made it "
-    "learn in 300 steps; strict, so the marker must go when a fix makes it pass."))
+    "observed: with the tiny preset (fan-in init, Sinkhorn teacher, KoLeo 0.1, K=64) the codes "
+    "no longer collapse (~290 distinct) but kNN on SEM/codes is only ~0.04 above the untrained "
+    "encoder and the DINO loss ends at log K; see the table above. Strict, so the marker must "
+    "go when a fix makes it pass."))
 def test_training_on_digits_lowers_loss_and_codes_beat_chance():
     images, labels = digits_arrays()
     x = images.astype(np.float32) / 127.5 - 1.0
-    n_train, n_test = 400, 300
+    n_test = 300
+    n_train = len(x) - n_test  # all 1797 digits minus a held-out 300
     cfg = vd.DINOConfig.tiny()
     steps = 300
     t0 = time.time()
@@ -546,18 +705,18 @@ def test_training_on_digits_lowers_loss_and_codes_beat_chance():
     train_s = time.time() - t0
     assert hist["loss"].shape == (steps,) and np.all(np.isfinite(hist["loss"]))
     assert hist["skipped"].sum() == 0
-    first, last = hist["loss"][:20].mean(), hist["loss"][-20:].mean()
+    first, last = hist["dino_loss"][:20].mean(), hist["dino_loss"][-20:].mean()
 
     V = cfg.sem.group_size
     tr_tok, tr_sem = vd.extract_codes(teacher, x[:n_train])
-    te_tok, te_sem = vd.extract_codes(teacher, x[n_train:n_train + n_test])
-    y_tr, y_te = labels[:n_train], labels[n_train:n_train + n_test]
+    te_tok, te_sem = vd.extract_codes(teacher, x[-n_test:])
+    y_tr, y_te = labels[:n_train], labels[-n_test:]
     acc_sem = vd.knn_accuracy(tr_sem, y_tr, te_sem, y_te, 20)
     acc_code = vd.knn_accuracy(jax.nn.one_hot(tr_tok, V), y_tr, jax.nn.one_hot(te_tok, V), y_te,
                                20)
     untrained = vd.DINOModel(cfg, rngs=nnx.Rngs(params=jax.random.split(jax.random.key(0))[0]))
     u_tr_tok, u_tr = vd.extract_codes(untrained, x[:n_train])
-    u_te_tok, u_te = vd.extract_codes(untrained, x[n_train:n_train + n_test])
+    u_te_tok, u_te = vd.extract_codes(untrained, x[-n_test:])
     acc_untrained = vd.knn_accuracy(u_tr, y_tr, u_te, y_te, 20)
     acc_untrained_code = vd.knn_accuracy(jax.nn.one_hot(u_tr_tok, V), y_tr,
                                          jax.nn.one_hot(u_te_tok, V), y_te, 20)
@@ -566,4 +725,7 @@ def test_training_on_digits_lowers_loss_and_codes_beat_chance():
           f"(untrained: SEM {acc_untrained:.3f}, codes {acc_untrained_code:.3f}; chance 0.1); "
           f"distinct codes {len(np.unique(np.asarray(te_tok), axis=0))}/{n_test}")
     assert last < first - 0.05
-    assert acc_sem > 0.3 and acc_code > 0.3  # chance is 0.1 (ten balanced classes)
+    assert last < np.log(cfg.out_dim) - 0.2  # not the uniform solution
+    # 2x chance (0.1, ten balanced classes) and a clear margin over the untrained encoder
+    assert acc_sem > max(0.2, acc_untrained + 0.1)
+    assert acc_code > max(0.2, acc_untrained_code + 0.1)

@@ -115,15 +115,17 @@ def test_replay_stores_true_next_obs_and_termination():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky at the 400 bar: greedy return 374.4 on 2026-11-30 (fresh clone, same code and "
-    "versions), >= 400 on 2026-11-25. One seed's greedy return at the end of DQN training is "
-    "unstable; to fix: evaluate over several vmapped seeds (median) instead of one"))
 def test_dqn_learns_cartpole():
-    """CleanRL's DQN CartPole-v1 settings reach ~500 by the end of 5e5 steps."""
+    """CleanRL's DQN CartPole-v1 settings reach ~500 by the end of 5e5 steps. One seed's greedy
+    return at the end of DQN training swings (374 on one machine, >= 400 on another, same code),
+    so three seeds train side by side under vmap and the median seed must reach 400."""
     env = make("gymnax/CartPole-v1")
     agent = dqn.make_agent(dqn.DQNConfig.cartpole(), env)
-    state, m = jax.jit(agent.train)(jax.random.key(0))
-    greedy = evaluate(env, agent.policy, state.params, jax.random.key(1), num_envs=16)
-    assert float(greedy["eval/return"]) >= 400, greedy["eval/return"]
-    assert np.nanmean(np.asarray(m["episode_return"])[-5000:]) >= 400
+    seeds = jnp.stack([jax.random.key(s) for s in range(3)])
+    state, m = jax.jit(jax.vmap(agent.train))(seeds)
+    greedy = [float(evaluate(env, agent.policy, jax.tree.map(lambda x: x[i], state.params),
+                             jax.random.key(10 + i), num_envs=16)["eval/return"])
+              for i in range(3)]
+    late = [float(np.nanmean(r[-5000:])) for r in np.asarray(m["episode_return"])]
+    assert np.median(greedy) >= 400, greedy
+    assert np.median(late) >= 400, late
