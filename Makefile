@@ -26,9 +26,10 @@ install: $(VENV)/.installed-base
 demo: $(VENV)/.installed-base
 	$(PY) -m experiments run $(DEMO) --preset $(DEMO_PRESET) --run-dir runs/demo-$(DEMO)-$(DEMO_PRESET)-$$(date +%Y%m%d-%H%M%S)
 
-# pytest exits 5 when it collects nothing: that must fail, never pass quietly.
+# pytest exits 5 when it collects nothing: that must fail, never pass quietly. The slowest
+# tests and the reasons for skips are listed at the end, so a CI log shows where time went.
 test: $(VENV)/.installed-test
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest --durations=30 -rs $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:

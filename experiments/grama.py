@@ -83,9 +83,11 @@ def smoke() -> GramaConfig:
 
 def cpu() -> GramaConfig:
     """gymnax Pendulum, 3 critics x 3 resets, 10k steps each (SAC solves Pendulum in ~5-7k).
-    Estimated from SAC's measured ~90 env steps/s (1 seed, 2x256, quiet 2-core CPU): ~17 min
-    per seed; the full preset has not been timed end to end yet. Add the brax inverted
-    pendulum with ``--set tasks=gymnax/Pendulum-v1,brax/inverted_pendulum`` (~2x longer)."""
+    Measured with ``--seeds 2`` on a quiet 2-core CPU (2026-12-01): ~50 s per 1000 env steps
+    with the plain MLP critic and ~75 s with LayerNorm (compilation 8-11 s of it), so ~8-12 min
+    per sub-run and ~90 min for the 9: over the 60-minute aim (see docs/grama_results.md).
+    Select a part with ``--set critics=... --set resets=...``. Add the brax inverted pendulum
+    with ``--set tasks=gymnax/Pendulum-v1,brax/inverted_pendulum`` (~2x longer)."""
     return GramaConfig(tasks=("gymnax/Pendulum-v1",), total_steps=10_000)
 
 
