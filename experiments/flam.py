@@ -82,7 +82,7 @@ TEST_SPLITS = ("test_seen", "test_heldout")
 SCORERS = {("flam", "unbiased"): "FLAM (unbiased score)",
            ("flam", "sigmoid"): "FLAM (sigmoid(h), no logit adjustment)",
            ("flam_global", "cosine"): "FLAM-Global (cosine)"}
-SED_METRICS = ("auroc", "psds1", "psds2", "event_f1")
+SED_METRICS = ("auroc", "auroc_active", "psds1", "psds2", "event_f1")
 MODEL_METRICS = ("t2a_R@1", "t2a_R@5", "a2t_R@1", "a2t_R@5", "zero_shot")
 CAPTION_JOINER = " and "
 
@@ -552,10 +552,17 @@ def frame_scores(frames: np.ndarray, text: np.ndarray, alpha: np.ndarray, beta: 
 def sed_metrics(scores: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
                 sim: sed.SimConfig, threshold: float) -> dict[str, float]:
     """Frame AUROC (macro), PSDS1, PSDS2 and event F1 (macro) of class scores ``[N, L, C]``
-    against frame labels ``[N, L, C]``; PSDS/F1 ground truth = runs of labelled frames."""
+    against frame labels ``[N, L, C]``; PSDS/F1 ground truth = runs of labelled frames.
+
+    ``auroc_active`` is the macro frame AUROC over only the frames where some event is active:
+    it measures class discrimination. Plain frame AUROC also rewards a class-agnostic activity
+    detector (a class's negatives are mostly silent frames); on active frames such a detector
+    scores 0.5."""
     ts = sed.frame_timestamps(sim.num_samples, sim)
     events = am.events_from_frames(labels, ts, classes)
-    out = {"auroc": am.frame_auroc(scores, labels).macro}
+    labels = np.asarray(labels)
+    out = {"auroc": am.frame_auroc(scores, labels).macro,
+           "auroc_active": am.frame_auroc(scores, labels, mask=labels.any(axis=-1)).macro}
     if any(events):
         out["psds1"] = am.psds(scores, ts, events, sim.duration, classes, am.PSDS1).value
         out["psds2"] = am.psds(scores, ts, events, sim.duration, classes, am.PSDS2).value
@@ -665,7 +672,9 @@ def comparison_sentence(evals: dict) -> str:
         return "Held-out frame AUROC is undefined (no class with both active and inactive frames)."
     verdict = ("beats" if a > b else "does not beat")
     others = [f"{label} {f[k]:.3f} vs {g[k]:.3f} ({f[k] - g[k]:+.3f})"
-              for k, label in (("psds1", "PSDS1"), ("psds2", "PSDS2"), ("event_f1", "event F1"))
+              for k, label in (("auroc_active", "frame AUROC on active frames (class "
+                                                 "discrimination)"),
+                               ("psds1", "PSDS1"), ("psds2", "PSDS2"), ("event_f1", "event F1"))
               if math.isfinite(f.get(k, math.nan)) and math.isfinite(g.get(k, math.nan))]
     return (f"On held-out classes (open vocabulary), frame-wise training (FLAM, unbiased score) "
             f"{verdict} the global model (FLAM-Global, cosine frame scores) in frame AUROC by "
@@ -719,7 +728,8 @@ def report(run_dir: RunDir) -> str:
             model_m = evals[kind][split]["model"] if score != "sigmoid" else {}
             rows.append([label, split] + [_fmt(sed_m.get(k)) for k in SED_METRICS]
                         + [_fmt(model_m.get(k)) for k in MODEL_METRICS])
-    table = plots.markdown_table(rows, ["model (frame score)", "split", "frame AUROC", "PSDS1",
+    table = plots.markdown_table(rows, ["model (frame score)", "split", "frame AUROC",
+                                        "AUROC, active frames", "PSDS1",
                                         "PSDS2", f"event F1 @ {cfg.eval.f1_threshold}",
                                         "t2a R@1", "t2a R@5", "a2t R@1", "a2t R@5",
                                         "zero-shot acc."])
@@ -753,7 +763,9 @@ def report(run_dir: RunDir) -> str:
         f"initialisation and see the same {t.steps} batches of {t.batch_size} clips (text branch: "
         f"{cfg.model.text}). FLAM: L_clip + {t.sed_weight:g} L_SED + L_prior with logit "
         f"adjustment; FLAM-Global: L_clip only. Class frame scores average the scores of every "
-        f"caption of the class; PSDS/F1 ground truth: runs of labelled frames. Retrieval: clip vs "
+        f"caption of the class; \"AUROC, active frames\" counts only frames where some event "
+        f"sounds (class discrimination: a class-agnostic activity detector gets 0.5 there); "
+        f"PSDS/F1 ground truth: runs of labelled frames. Retrieval: clip vs "
         f"its caption (its positive texts joined); zero-shot: dominant class of each clip.\n\n"
         f"{table}\n\n{comparison_sentence(evals)}\n\n"
         + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from audio import sed
 from experiments import flam as F
 from tests.helpers import run_cli
 from trainkit.config import ConfigError, apply_overrides
@@ -72,6 +73,27 @@ def test_frame_scores_match_a_numpy_oracle(kind):
     per = {"cosine": cos, "sigmoid": sig(h), "unbiased": sig(h) / (sig(h) + sig(beta))}[kind]
     want = np.stack([per[..., owner == c].mean(-1) for c in range(2)], axis=-1)
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_active_frame_auroc_gives_an_activity_detector_one_half():
+    """Hand-computed: class 0 sounds in clip 0 frames 0-4, class 1 in clip 1 frames 5-9 (of n
+    frames per clip); the scores are pure activity (1 wherever any event sounds, for every
+    class). Frame AUROC of class 0: its 5 positives (score 1) against 2n - 5 negatives, 2n - 10
+    silent (0) and 5 where class 1 sounds (1, ties): ((2n - 10) + 0.5 * 5) / (2n - 5); the same
+    for class 1. On active frames only, each class's positives tie with its negatives: 0.5."""
+    sim = F.smoke().data.sim
+    n_frames = len(sed.frame_timestamps(sim.num_samples, sim)) - 1
+    labels = np.zeros((2, n_frames, 2), bool)
+    labels[0, 0:5, 0] = True
+    labels[1, 5:10, 1] = True
+    scores = np.repeat(labels.any(-1, keepdims=True), 2, axis=-1).astype(np.float64)
+    out = F.sed_metrics(scores, labels, ("a", "b"), sim, 0.5)
+    n = n_frames
+    assert out["auroc"] == pytest.approx(((2 * n - 10) + 2.5) / (2 * n - 5))
+    assert out["auroc_active"] == pytest.approx(0.5)
+    # and a detector that also tells the classes apart is perfect on both
+    out = F.sed_metrics(labels.astype(np.float64), labels, ("a", "b"), sim, 0.5)
+    assert out["auroc"] == pytest.approx(1.0) and out["auroc_active"] == pytest.approx(1.0)
 
 
 def test_objective_weights_global_is_clip_only():
