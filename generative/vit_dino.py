@@ -90,26 +90,13 @@ def _torch_conv_default_init(fan_in: int) -> Callable[..., jax.Array]:
     return init
 
 
-def _fan_in_trunc_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
-                         ) -> jax.Array:
-    """Truncated normal with variance ``1 / fan_in`` (LeCun) for the kernels of ``nnx.Linear``
-    ``[in, out]`` and of :class:`~llm_rl.models.layers.EncoderBlock`: q/k/v ``[dim, heads,
-    head_dim]`` (fan-in ``dim``) and the output ``[heads, head_dim, dim]`` (fan-in
-    ``heads * head_dim``)."""
-    if len(shape) == 3 and shape[0] * shape[1] == shape[2]:
-        fan_in = shape[0] * shape[1]
-    else:
-        fan_in = shape[0]
-    # std of a unit normal truncated to [-2, 2] is 0.8796; rescale as variance_scaling does
-    return (jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
-            / (0.87962566103423978 * math.sqrt(fan_in)))
-
-
 def _kernel_init(name: str) -> Callable[..., jax.Array]:
     if name == "dino":
         return _TRUNC_NORMAL
     if name == "fan_in":
-        return _fan_in_trunc_normal
+        # truncated normal with variance 1 / fan_in; EncoderBlock's Dense layers call it on the
+        # matrix shape (fan-in = dim for q/k/v, heads * head_dim for the output projection)
+        return nnx.initializers.lecun_normal()
     raise ValueError(f"kernel_init must be 'dino' or 'fan_in', got {name!r}")
 
 

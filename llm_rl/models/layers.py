@@ -222,7 +222,10 @@ class Dense(nnx.Module):
     leading dims of ``W`` (shape ``in_shape + out_shape``), so heads stay a separate axis.
 
     ``kernel_init(key, shape, dtype)`` replaces the default ``normal(0.02)`` (the HF LMs'
-    initialiser); biases start at zero."""
+    initialiser); it is called on the matrix shape ``(prod(in_shape), prod(out_shape))`` and
+    the result reshaped, so fan-in/fan-out initialisers (``lecun_normal``...) see the true
+    fan-in of a head-split kernel (and a 2-D sample compiles faster than a 3-D one on CPU).
+    Biases start at zero."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
                  axes: Sequence[str | None], *, use_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
@@ -233,8 +236,9 @@ class Dense(nnx.Module):
         if kernel_init is None:
             self.kernel = _param(rngs, "normal", in_shape + out_shape, param_dtype, axes)
         else:
-            self.kernel = nnx.Param(kernel_init(rngs.params(), in_shape + out_shape, param_dtype),
-                                    out_sharding=tuple(axes))
+            matrix = (math.prod(in_shape), math.prod(out_shape))
+            value = kernel_init(rngs.params(), matrix, param_dtype).reshape(in_shape + out_shape)
+            self.kernel = nnx.Param(value, out_sharding=tuple(axes))
         self.bias = (_param(rngs, "zeros", out_shape, param_dtype, axes[self.n_in:])
                      if use_bias else None)
 
