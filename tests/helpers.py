@@ -1,10 +1,19 @@
 """Helpers shared by tests."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for running `python -m experiments` in a child process (1 CPU device)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def run_cli(args, env, timeout=300, **kw):

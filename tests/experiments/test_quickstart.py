@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli, start_cli
+from tests.helpers import child_env, run_cli, start_cli
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,15 @@ def _wait_for_checkpoint(proc, run_dir, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The LONG run without interruption: the reference of the kill/resume tests."""
+    ref = tmp_path_factory.mktemp("quickstart") / "ref"
+    res = run_cli(["run", "quickstart", "--run-dir", str(ref), *LONG], child_env())
+    assert res.returncode == 0, res.stderr
+    return ref
+
+
 def test_smoke_run_trains_and_writes_a_complete_run_dir(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
     res = run_cli(["run", "quickstart", "--run-dir", str(run_dir), "--seeds", "2"], subprocess_env)
@@ -59,9 +68,8 @@ def test_smoke_run_trains_and_writes_a_complete_run_dir(tmp_path, subprocess_env
     assert res.returncode == 0 and "eval_loss" in (run_dir / "report.md").read_text()
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, subprocess_env):
-    ref = tmp_path / "ref"
-    assert run_cli(["run", "quickstart", "--run-dir", str(ref), *LONG], subprocess_env).returncode == 0
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, subprocess_env, uninterrupted):
+    ref = uninterrupted
     killed = tmp_path / "killed"
     proc = start_cli(["run", "quickstart", "--run-dir", str(killed), *LONG], subprocess_env)
     _wait_for_checkpoint(proc, killed)
@@ -78,9 +86,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, subprocess_env):
     assert rows == ref_rows
 
 
-def test_sigterm_checkpoints_and_exits_then_resumes_exactly(tmp_path, subprocess_env):
-    ref = tmp_path / "ref"
-    assert run_cli(["run", "quickstart", "--run-dir", str(ref), *LONG], subprocess_env).returncode == 0
+def test_sigterm_checkpoints_and_exits_then_resumes_exactly(tmp_path, subprocess_env, uninterrupted):
+    ref = uninterrupted
     run_dir = tmp_path / "term"
     proc = start_cli(["run", "quickstart", "--run-dir", str(run_dir), *LONG], subprocess_env)
     _wait_for_checkpoint(proc, run_dir)
