@@ -460,6 +460,26 @@ def sample(model: DiT, key: jax.Array, codes: jax.Array | None = None, *, steps:
 # --- training ----------------------------------------------------------------------------------
 
 
+def train_step_flops(cfg: DiTConfig, batch: int) -> float:
+    """Model FLOPs of one training step (matmuls and attention; backward = 2 x forward), the
+    numerator of MFU::
+
+        forward per image = 2 N [depth (4 + 2 r) D^2 + 2 P D]      (qkv, proj, MLP; patch in/out)
+                          + depth 4 N^2 D                           (QK^T and AV)
+                          + 2 [depth 6 D^2 + 2 D^2 + F D + D^2]     (adaLN, final adaLN, t-MLP)
+        step = 3 x batch x forward
+
+    with ``N`` patches, ``D`` width, ``r`` MLP ratio, ``P = p^2 C`` values per patch and ``F``
+    time features."""
+    n, d, r = cfg.num_patches, cfg.dim, cfg.mlp_ratio
+    tokens = 2 * n * (cfg.depth * (4 + 2 * r) * d * d + 2 * cfg.patch_dim * d)
+    attention = cfg.depth * 4 * n * n * d
+    per_image = 2 * (cfg.depth * 6 * d * d + 2 * d * d + cfg.time_features * d + d * d)
+    return 3.0 * batch * (tokens + attention + per_image)
+
+
+
+
 class DiTTrainState(NamedTuple):
     params: Any          # nnx.split(model, nnx.Param)[1]
     opt_state: Any
