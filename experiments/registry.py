@@ -35,6 +35,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "flam": ("experiments.flam",
              "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on simulated "
              "sound events, open-vocabulary SED on held-out classes (arXiv 2505.05335)"),
+    "dlc": ("experiments.dlc",
+            "Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel DiT; "
+            "MDLM code prior, composition and text-to-code (arXiv 2507.12318)"),
 }
 
 

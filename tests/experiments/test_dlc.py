@@ -1,0 +1,187 @@
+"""dlc experiment: exact checks of its helpers (held-out pairs, chance levels, parent pairs,
+composition against a NumPy oracle, the code models' training sequences, config cross-checks,
+stage storage) and the smoke preset end to end through the CLI with a stage-level resume."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import dlc as D
+from generative import dlc, evaluation as ev
+from tests.helpers import run_cli
+from trainkit.config import ConfigError, apply_overrides
+
+
+# --- helpers (fast) ------------------------------------------------------------------------------
+
+
+def test_parse_pairs_and_heldout_mask():
+    pairs = D.parse_pairs(["circle:blue", "cross:orange"])
+    assert pairs == [(0, ev.COLOUR_NAMES.index("blue")), (4, ev.COLOUR_NAMES.index("orange"))]
+    blue, orange, red = (ev.COLOUR_NAMES.index(c) for c in ("blue", "orange", "red"))
+    kind = np.array([0, 0, 4, 4, 1])
+    colour = np.array([blue, red, orange, blue, blue])
+    np.testing.assert_array_equal(D.heldout_mask(kind, colour, pairs),
+                                  [True, False, True, False, False])
+    with pytest.raises(ValueError, match="'circle:teal'"):
+        D.parse_pairs(["circle:teal"])
+
+
+def test_chance_levels_are_training_marginals():
+    train = np.array([0, 0, 0, 1, 2, 2, 2, 2])  # p = (3/8, 1/8, 4/8)
+    assert D.marginal_chance(train, np.array([0, 2, 2, 1]), 3) == pytest.approx(
+        (3 / 8 + 4 / 8 + 4 / 8 + 1 / 8) / 4)
+    lab = {"kind": np.array([0, 0, 1, 1]), "colour": np.array([2, 3, 3, 3])}
+    req = {"kind": np.array([0, 1]), "colour": np.array([3, 2])}
+    # p(kind) = (1/2, 1/2), p(colour=2) = 1/4, p(colour=3) = 3/4
+    assert D.pair_chance(lab, req) == pytest.approx((0.5 * 0.75 + 0.5 * 0.25) / 2)
+    # either parent: p(a) + p(b) when they differ, p(a) when equal
+    np.testing.assert_allclose(D._either_chance(train, np.array([0, 1]), np.array([2, 1]), 3),
+                               [7 / 8, 1 / 8])
+
+
+def test_composition_pairs_differ_in_kind_and_colour_and_are_seeded():
+    rng = np.random.default_rng(0)
+    lab = {"kind": rng.integers(0, 5, 50), "colour": rng.integers(0, 8, 50)}
+    cand = np.arange(10, 50)
+    p = D.composition_pairs(lab, cand, 30, seed=3)
+    assert p.shape == (30, 2) and np.isin(p, cand).all()
+    assert (lab["kind"][p[:, 0]] != lab["kind"][p[:, 1]]).all()
+    assert (lab["colour"][p[:, 0]] != lab["colour"][p[:, 1]]).all()
+    np.testing.assert_array_equal(p, D.composition_pairs(lab, cand, 30, seed=3))
+    same = {"kind": np.zeros(50, int), "colour": np.zeros(50, int)}
+    with pytest.raises(ValueError, match="raise data.num_test"):
+        D.composition_pairs(same, cand, 3, seed=0)
+
+
+def test_compose_and_sample_matches_numpy_oracle():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 2, 5, 7)) * 3
+    dists = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    # near-zero temperature: the argmax of the averaged distribution
+    codes = np.asarray(D.compose_and_sample(jax.random.key(0), jnp.asarray(dists, jnp.float32),
+                                            1e-4))
+    np.testing.assert_array_equal(codes, dists.mean(axis=1).argmax(-1))
+    # temperature 1: empirical frequencies approach the average (one pair repeated)
+    many = np.repeat(dists[:1], 4000, axis=0)
+    codes = np.asarray(D.compose_and_sample(jax.random.key(1), jnp.asarray(many, jnp.float32),
+                                            1.0))
+    freq = np.stack([np.bincount(codes[:, i], minlength=7) / 4000 for i in range(5)])
+    np.testing.assert_allclose(freq, dists[0].mean(axis=0), atol=0.03)
+
+
+def test_code_sequences_prior_prefix_is_constant_and_text_prefix_decodes():
+    captions = ["a small red circle on plain blue", "a large green cross on red dots"]
+    data = {"train_captions": np.asarray(captions)}
+    cfg = D.smoke()
+    V = cfg.sem.dino.sem.group_size
+    codes = np.array([[1, 2, 3, 4], [5, 6, 7, 0]], np.int32)
+    seqs, vocab, plen = D.code_sequences(cfg, data, codes)
+    assert plen == 7 and seqs.shape == (2, 2, 7 + 4)
+    np.testing.assert_array_equal(seqs[:, :, plen:], np.stack([codes, codes]))
+    assert (seqs[0, :, :plen] == V + 1).all()  # <pad> id: the prior sees no caption
+    assert dlc.decode_captions(seqs[1, :, :plen], vocab, offset=V + 1) == captions
+    mcfg = D.code_model_config(cfg, plen, len(vocab))
+    assert mcfg.length == plen + 4 and mcfg.extra_tokens == len(vocab)
+    assert seqs.max() < mcfg.vocab_size + 1 + mcfg.extra_tokens  # every id has an embedding
+
+
+def test_rows_in_finds_memorised_codes():
+    table = np.array([[1, 2], [3, 4]])
+    np.testing.assert_array_equal(D._rows_in(np.array([[3, 4], [4, 3], [1, 2]]), table),
+                                  [True, False, True])
+
+
+def test_config_cross_checks_name_the_field():
+    with pytest.raises(ConfigError, match="dit.model.code_length"):
+        apply_overrides(D.smoke(), ["dit.model.code_length=5"])
+    with pytest.raises(ConfigError, match="heldout_pairs"):
+        apply_overrides(D.smoke(), ["data.heldout_pairs=circle:grey"])
+    with pytest.raises(ConfigError, match="unconditional"):
+        apply_overrides(D.smoke(), ["dit.model.unconditional=true"])
+    for preset in (D.smoke, D.cpu, D.paper):
+        cfg = preset()
+        assert cfg.dit.model.code_length == cfg.sem.dino.sem.num_groups
+    p = D.paper().sem.dino.sem
+    assert (p.num_groups, p.group_size) == (32, 4096)
+    assert D.paper().dit.model.depth == 28 and D.paper().dit.model.dim == 1152
+
+
+def test_stages_save_load_and_resume_only_when_asked(tmp_path):
+    from trainkit.run import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"x": np.arange(3)}, {"w": {"k": np.ones(2)}}, {"a": 1}
+
+    arrays, params, info = D.Stages(rd, resume=False).run("s", fn)
+    assert info["a"] == 1 and (rd.checkpoints_dir / "s" / "done.json").exists()
+    st = D.Stages(rd, resume=True)
+    arrays, params, info = st.run("s", fn)
+    assert len(calls) == 1 and st.log == {"s": "skipped"}
+    np.testing.assert_array_equal(arrays["x"], np.arange(3))
+    np.testing.assert_array_equal(params["w"]["k"], np.ones(2))
+    D.Stages(rd, resume=False).run("s", fn)  # not resuming: recomputed
+    assert len(calls) == 2
+
+
+# --- end to end (slow) ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
+    out["TRAINKIT_NO_PROGRESS"] = "1"
+    # The smoke run is almost all XLA compilation (~40 programs, the DINO step the largest);
+    # optimisation level 1 roughly halves it. (Level 0 gives NaN in the attribute CNN: not used.)
+    out["XLA_FLAGS"] = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+    return out
+
+
+@pytest.mark.slow
+def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, env):
+    run_dir = tmp_path / "run"
+    res = run_cli(["run", "dlc", "--preset", "smoke", "--run-dir", str(run_dir)], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in D.STAGES:
+        assert f"dlc: stage {stage}: " in res.stdout and "skipped" not in res.stdout
+    report = (run_dir / "report.md").read_text()
+    for title in D.SET_TITLES.values():
+        if "(d)" not in title and "(e)" not in title:
+            assert f"| {title} |" in report, title
+    assert D.FD_NAME in report
+    assert "At equal compute, DLC conditioning" in report
+    assert "Text-to-image on held-out" in report and "kNN" in report
+    for name in ("real", *D.SAMPLE_SETS):
+        assert (run_dir / "plots" / f"grid_{name}.png").stat().st_size > 0
+    assert (run_dir / "plots" / "compose_triples.png").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metrics == summary["final"]
+    for key in ("real/fd", "uncond/fd", "prior/fd", "recon/fd", "text/acc/kind",
+                "text/chance/colour", "compose/kind/either", "sem_knn/trained/codes/kind"):
+        assert key in metrics, key
+    for key, v in metrics.items():
+        assert math.isfinite(v), (key, v)
+        if not key.endswith("/fd"):
+            assert 0.0 <= v <= 1.0, (key, v)
+    stage_files = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+
+    res = run_cli(["run", "dlc", "--run-dir", str(run_dir), "--resume"], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in D.STAGES:
+        assert f"dlc: stage {stage}: done, loaded (skipped)" in res.stdout, stage
+    after = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    assert after == stage_files  # nothing recomputed or rewritten
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["final"] == summary["final"]
+    assert again["params_sha256"] == summary["params_sha256"]
