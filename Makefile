@@ -28,8 +28,10 @@ demo: $(VENV)/.installed-base
 
 # pytest exits 5 when it collects nothing: that must fail, never pass quietly. The slowest
 # tests and the reasons for skips are listed at the end, so a CI log shows where time went.
+# pytest-xdist runs one worker per core (at most 4: each holds a few GB); `PYTEST_ARGS=-n0`
+# runs in one process.
 test: $(VENV)/.installed-test
-	@$(PY) -m pytest --durations=30 -rs $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal --durations=30 -rs $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:

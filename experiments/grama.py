@@ -82,13 +82,14 @@ def smoke() -> GramaConfig:
 
 
 def cpu() -> GramaConfig:
-    """gymnax Pendulum, 3 critics x 3 resets, 10k steps each (SAC solves Pendulum in ~5-7k).
-    Measured with ``--seeds 2`` on a quiet 2-core CPU (2026-12-01): ~50 s per 1000 env steps
-    with the plain MLP critic and ~75 s with LayerNorm (compilation 8-11 s of it), so ~8-12 min
-    per sub-run and ~90 min for the 9: over the 60-minute aim (see docs/grama_results.md).
-    Select a part with ``--set critics=... --set resets=...``. Add the brax inverted pendulum
-    with ``--set tasks=gymnax/Pendulum-v1,brax/inverted_pendulum`` (~2x longer)."""
-    return GramaConfig(tasks=("gymnax/Pendulum-v1",), total_steps=10_000)
+    """gymnax Pendulum, 3 critics x 3 resets, 10k steps each (SAC solves Pendulum in ~5-7k),
+    critics of width 128 (the paper's 256 made the 9 sub-runs ~90 min on 2 cores). Measured
+    with ``--seeds 2`` (2026-12-01, same process, interleaved): a 1000-step chunk of the
+    LayerNorm critic with ReGraMa takes 39 s at width 128 vs 98 s at 256; compilation ~10 s
+    per sub-run. Select a part with ``--set critics=... --set resets=...``; ``--set width=256``
+    gives the paper's width. Add the brax inverted pendulum with
+    ``--set tasks=gymnax/Pendulum-v1,brax/inverted_pendulum`` (~2x longer)."""
+    return GramaConfig(tasks=("gymnax/Pendulum-v1",), total_steps=10_000, width=128)
 
 
 def paper() -> GramaConfig:
