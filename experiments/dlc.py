@@ -541,9 +541,8 @@ def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key
     compiled program): the same initial parameters, the same batches, times and noise at every
     step; the only difference is the code-dropout probability, 1 for the unconditional model
     (its input is the null code always) and ``model.cfg_dropout`` for the DLC model. Each update
-    is :func:`generative.dit.flow_matching_loss` -> guarded AdamW
-    (:func:`generative.dit.make_optimizer`) -> parameter EMA (:func:`generative.dit.ema_update`),
-    as in :func:`generative.dit.make_train_step`.
+    is :func:`generative.dit.make_train_step`'s step (flow matching, guarded AdamW, EMA) with
+    the dropout probability vmapped.
 
     Returns ``(params [2], losses [steps, 2])``, the EMA (or last) parameters stacked in the
     order (unconditional, DLC)."""
@@ -560,23 +559,8 @@ def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key
     c_all = jnp.asarray(codes, jnp.int32)
     n, bs = x_all.shape[0], tr.batch_size
 
-    def one(st: dit.DiTTrainState, key, x0, c, p):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            k_drop, k_loss = jax.random.split(key)
-            drop = jax.random.uniform(k_drop, (x0.shape[0],)) < p
-            fn = lambda x, t: model(x, t, c, drop)  # noqa: E731
-            return dit.flow_matching_loss(k_loss, fn, x0, time_sampling=tr.time_sampling)
-
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
-        params, opt_state, guard, gm = guards.guarded_update(optimizer, grads, st.opt_state,
-                                                             st.params, loss, st.guard)
-        ema = st.ema
-        if use_ema:
-            new = dit.ema_update(ema, params, tr.ema_decay, st.step)
-            ema = jax.tree.map(lambda a, b: jnp.where(gm["skipped"] == 0, a, b), new, ema)
-        return (dit.DiTTrainState(params, opt_state, ema, guard, st.step + 1),
-                {"loss": loss, **gm})
+    one = dit.make_train_step(graphdef, optimizer, ema_decay=tr.ema_decay,
+                              time_sampling=tr.time_sampling)
 
     @jax.jit
     def step(state, key):
@@ -614,27 +598,6 @@ def code_model_config(cfg: DLCExpConfig, prefix_len: int, extra: int) -> cd.Code
                                length=prefix_len + s.num_groups, extra_tokens=extra)
 
 
-def make_code_step(graphdef, optimizer, maskable: np.ndarray | None, mask_id: int,
-                   t_min: float = 1e-3):
-    """``step(params, opt_state, key, x0) -> (params, opt_state, metrics)``: one AdamW update
-    on the MDLM NELBO (:func:`generative.discrete_diffusion.diffusion_loss`) of the batch
-    ``x0 [B, P + L]``, masking only where ``maskable`` (a caption prefix never is); the step of
-    :func:`generative.code_denoiser.make_train_step` with a prefix."""
-    mk = None if maskable is None else jnp.asarray(maskable)
-
-    def loss_fn(params, key, x0):
-        model = nnx.merge(graphdef, params)
-        return dd.diffusion_loss(key, model, x0, mask_id, t_min=t_min, maskable=mk)
-
-    def step(params, opt_state, key, x0):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key, x0)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {
-            "loss": loss, "grad_norm": optax.global_norm(grads), "mask_rate": aux["mask_rate"]}
-
-    return step
-
-
 def code_sequences(cfg: DLCExpConfig, data: dict, codes: np.ndarray
                    ) -> tuple[np.ndarray, tuple[str, ...], int]:
     """``[2, N, P + L]`` training sequences of the two code models and the caption vocabulary
@@ -666,7 +629,7 @@ def train_code_pair(cfg: DLCExpConfig, seqs: np.ndarray, plen: int, extra: int, 
                             optax.adamw(schedule, weight_decay=c.weight_decay))
     opt_state = jax.vmap(optimizer.init)(params)
     maskable = np.arange(seqs.shape[2]) >= plen
-    one = make_code_step(graphdef, optimizer, maskable, mcfg.mask_id)
+    one = cd.make_train_step(graphdef, optimizer, maskable=maskable)
     data = jnp.asarray(seqs, jnp.int32)
     n, bs = data.shape[1], c.batch_size
 

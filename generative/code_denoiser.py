@@ -97,15 +97,18 @@ class CodeDenoiser(nnx.Module):
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    t_min: float = 1e-3) -> Callable[..., Any]:
+                    t_min: float = 1e-3, maskable: Any = None) -> Callable[..., Any]:
     """``step(params, opt_state, key, x0) -> (params, opt_state, metrics)``, pure and jitted:
     one optax update on :func:`generative.discrete_diffusion.diffusion_loss` of the batch
-    ``x0`` (int ``[B, L]`` codes). ``params`` is ``nnx.split(model, nnx.Param)[1]``."""
+    ``x0`` (int ``[B, L]`` codes). ``params`` is ``nnx.split(model, nnx.Param)[1]``.
+    ``maskable`` (bool ``[L]``): only those positions are masked and scored; a conditioning
+    prefix (text-to-code) is False."""
+    mask = None if maskable is None else jnp.asarray(maskable, bool)
 
     def loss_fn(params, key, x0):
         model = nnx.merge(graphdef, params)
         return discrete_diffusion.diffusion_loss(key, model, x0, model.config.mask_id,
-                                                 t_min=t_min)
+                                                 t_min=t_min, maskable=mask)
 
     @jax.jit
     def step(params, opt_state, key, x0):

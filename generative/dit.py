@@ -523,11 +523,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     ``cfg_dropout`` (default: the model config's). ``ema_decay > 0`` updates ``state.ema``
     (the state must have been made with ``ema=True``). A step with non-finite loss or
     gradients leaves parameters, optimizer state and EMA unchanged (:mod:`trainkit.guards`).
+    ``step(..., drop_prob=p)`` overrides the dropout probability per call (it may be traced,
+    e.g. ``vmap``-ped over models: an unconditional and a conditional model in one program).
     """
 
-    def loss_fn(params, key, images, codes):
+    def loss_fn(params, key, images, codes, drop_prob):
         model = nnx.merge(graphdef, params)
         p = model.config.cfg_dropout if cfg_dropout is None else cfg_dropout
+        p = p if drop_prob is None else drop_prob
         k_drop, k_loss = jax.random.split(key)
         drop = jax.random.uniform(k_drop, (images.shape[0],)) < p
         fn = lambda x, t: model(x, t, codes, drop)  # noqa: E731
@@ -535,9 +538,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return loss, {"drop_rate": jnp.mean(drop.astype(jnp.float32)), **aux}
 
     @jax.jit
-    def step(state: DiTTrainState, key, images, codes):
+    def step(state: DiTTrainState, key, images, codes, drop_prob=None):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, key, images, codes)
+            state.params, key, images, codes, drop_prob)
         params, opt_state, guard, gm = guards.guarded_update(
             optimizer, grads, state.opt_state, state.params, loss, state.guard)
         ema = state.ema
