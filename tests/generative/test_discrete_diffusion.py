@@ -346,3 +346,19 @@ def test_denoiser_learns_a_toy_code_constraint():
     # chance is 0.125
     assert agree > 0.8, agree
     assert int(jnp.sum(samples == cfg.mask_id)) == 0
+
+
+def test_train_step_never_masks_a_prefix():
+    """With ``maskable`` False on a prefix (caption word ids above the mask id), the step masks
+    only code positions: the mask rate never exceeds the code's share of the sequence (without
+    ``maskable`` it averages ~1/2 of all positions)."""
+    cfg = CodeDenoiserConfig(vocab_size=4, length=6, extra_tokens=3, dim=16, depth=1, heads=2)
+    model = CodeDenoiser(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt = optax.sgd(0.0)
+    maskable = np.arange(6) >= 4  # 4 prefix positions, 2 code positions
+    step = make_train_step(graphdef, opt, maskable=maskable)
+    x0 = jnp.asarray(np.tile([5, 6, 7, 5, 1, 2], (64, 1)), jnp.int32)  # prefix ids > mask id
+    rates = [float(step(params, opt.init(params), jax.random.key(i), x0)[2]["mask_rate"])
+             for i in range(5)]
+    assert max(rates) <= 2 / 6 and min(rates) > 0
