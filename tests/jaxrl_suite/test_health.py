@@ -130,6 +130,21 @@ class SrankTest(chex.TestCase):
             _with_singular_values(rng, sigma), delta=delta)) == expected
 
 
+@SETTINGS
+@given(rng=arrays)
+def test_srank_of_rank_deficient_features_is_exact(rng):
+    """Features of rank 3 spread over all 64 dimensions (dead directions, as in a collapsed
+    critic): srank must see exactly 3 singular values. This pins the SVD: sigma from
+    eigvalsh(F^T F) in float32 turns the 61 zero singular values into ~sqrt(eps)*sigma_1
+    noise, ~0.05 in total here, which pushes srank_0.01 from 2 to 3."""
+    u, _ = np.linalg.qr(rng.normal(size=(256, 3)))
+    v, _ = np.linalg.qr(rng.normal(size=(64, 3)))
+    phi = ((u * np.array([10.0, 1.0, 0.1])) @ v.T).astype(np.float32)
+    # cumulative sums 10, 11, 11.1: srank_0.01 needs >= 10.989 -> 2; srank_0.001 -> 3
+    assert int(health.srank(jnp.asarray(phi), delta=0.01)) == 2
+    assert int(health.srank(jnp.asarray(phi), delta=0.001)) == 3
+
+
 def test_layer_norms_group_by_module():
     tree = {"a": {"kernel": jnp.array([[3.0, 0.0]]), "bias": jnp.array([4.0, 0.0])},
             "b": {"kernel": jnp.array([1.0, 1.0, 1.0, 1.0])}}
