@@ -7,7 +7,8 @@ directory and renames it when complete, so a run killed mid-save leaves the prev
 checkpoint intact.
 
 Typed PRNG keys (``jax.random.key``) are stored as their raw key data and rebuilt on
-restore from the template's key type.
+restore from the template's key type; zero-size arrays (which orbax cannot store) are
+rebuilt from the template.
 
 :class:`StopSignal` turns SIGTERM/SIGINT into a flag the training loop checks between
 chunks: it then saves and exits cleanly (a second signal aborts at once).
@@ -32,12 +33,21 @@ def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_empty(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
+
+
 def _to_savable(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    # Orbax refuses zero-size arrays (MJX's Data.act of a model without actuator activations
+    # is one): they are saved as None and rebuilt from the template on restore.
+    return jax.tree.map(lambda x: None if _is_empty(x) else
+                        jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
 def _abstract(tree: Any) -> Any:
     def one(x):
+        if _is_empty(x):
+            return None
         if _is_key(x):
             x = jax.random.key_data(x)
         if isinstance(x, jax.Array):
@@ -49,12 +59,16 @@ def _abstract(tree: Any) -> Any:
 
 
 def _from_savable(restored: Any, template: Any) -> Any:
-    def one(value, tmpl):
+    def one(tmpl, value):
+        if _is_empty(tmpl):
+            empty = np.zeros(tmpl.shape, tmpl.dtype)
+            return jax.device_put(empty, tmpl.sharding) if isinstance(tmpl, jax.Array) else empty
         if _is_key(tmpl):
             return jax.random.wrap_key_data(value, impl=jax.random.key_impl(tmpl))
         return value
 
-    return jax.tree.map(one, restored, template)
+    # the template leads: where it holds a zero-size array, `restored` holds None
+    return jax.tree.map(one, template, restored)
 
 
 class Checkpointer:

@@ -36,6 +36,23 @@ def test_save_restore_round_trip_with_typed_keys(tmp_path):
                                   jax.random.normal(restored["key"][1], (3,)))
 
 
+def test_zero_size_arrays_round_trip(tmp_path):
+    """Orbax cannot store zero-size arrays (MJX's Data.act is one for a model without actuator
+    activations); they come back from the template, shape, dtype and all."""
+    state = {"act": jnp.zeros((2, 0), jnp.float32), "ids": np.zeros((0,), np.int32),
+             "w": jnp.arange(3.0), "key": jax.random.key(0)}
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
+    assert ckpt.save(1, state)
+    ckpt.close()
+    template = {**state, "w": jnp.zeros(3), "key": jax.random.key(1)}
+    _, restored, _ = Checkpointer(tmp_path / "ck", save_every=1).restore(template)
+    assert restored["act"].shape == (2, 0) and restored["act"].dtype == jnp.float32
+    assert restored["ids"].shape == (0,) and restored["ids"].dtype == np.int32
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+    np.testing.assert_array_equal(jax.random.key_data(restored["key"]),
+                                  jax.random.key_data(state["key"]))
+
+
 def test_due_and_keep_last(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck", save_every=10, max_to_keep=2, async_save=False)
     state = _state()
