@@ -253,7 +253,10 @@ class Progress:
         self._bar.update(step - self._bar.n)
         if metrics and self.key_metric and self.key_metric in metrics:
             value = np.asarray(metrics[self.key_metric], dtype=np.float64)
-            self._bar.set_postfix({self.key_metric: f"{float(np.nanmean(value)):.4g}"}, refresh=False)
+            # all NaN (e.g. no episode finished yet in this chunk): show nan, without numpy's
+            # "Mean of empty slice" warning
+            shown = float(np.nanmean(value)) if np.any(~np.isnan(value)) else float("nan")
+            self._bar.set_postfix({self.key_metric: f"{shown:.4g}"}, refresh=False)
 
     def close(self) -> None:
         self._bar.close()
