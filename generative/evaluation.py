@@ -134,8 +134,11 @@ class AttributeCNN(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = jax.nn.gelu(norm(conv(h)))
             if i % self.convs_per_stage == self.convs_per_stage - 1:
-                b, hh, ww, c = h.shape
-                h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+                # reduce_window max: its gradient (select-and-scatter) routes to one argmax;
+                # a reshape + max would divide by the count of entries equal to the max,
+                # 0/0 when XLA recomputes the GELU slightly differently in the two places
+                # (seen at --xla_backend_optimization_level=0: NaN gradients)
+                h = nnx.max_pool(h, (2, 2), strides=(2, 2))
         return self.proj(jnp.concatenate([h.mean(axis=(1, 2)), h.max(axis=(1, 2))], axis=-1))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -244,8 +247,10 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     model = AttributeCNN(num_classes, feature_dim=feature_dim, widths=widths,
                          convs_per_stage=convs_per_stage, rngs=nnx.Rngs(params=k_init))
     graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10 + 1),
-                                                  steps)
+    warmup = min(100, steps // 10 + 1)
+    # optax needs decay_steps > warmup_steps (steps=1 would otherwise raise inside optax)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup,
+                                                  max(steps, warmup + 1))
     optimizer = optax.adamw(schedule, weight_decay=weight_decay)
     opt_state = optimizer.init(params)
     bs = min(batch_size, n)

@@ -4,7 +4,6 @@ stage storage) and the smoke preset end to end through the CLI with a stage-leve
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 
 from experiments import dlc as D
 from generative import dlc, evaluation as ev
-from tests.helpers import run_cli
+from tests.helpers import child_env, run_cli
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -138,11 +137,11 @@ def test_stages_save_load_and_resume_only_when_asked(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = child_env()
     out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
     out["TRAINKIT_NO_PROGRESS"] = "1"
     # The smoke run is almost all XLA compilation (~40 programs, the DINO step the largest);
-    # optimisation level 1 roughly halves it. (Level 0 gives NaN in the attribute CNN: not used.)
+    # optimisation level 1 roughly halves it.
     out["XLA_FLAGS"] = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
     return out
 
