@@ -6,14 +6,13 @@ class, prompt-ensembled frame scores against a NumPy oracle, config cross-checks
 import dataclasses
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
 from audio import sed
 from experiments import flam as F
-from tests.helpers import run_cli
+from tests.helpers import child_env, run_cli
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -130,7 +129,7 @@ def test_config_cross_checks_name_the_field():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = child_env()
     out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
     out["TRAINKIT_NO_PROGRESS"] = "1"
     return out

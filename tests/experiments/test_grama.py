@@ -4,12 +4,11 @@ never does.
 (Exact resume of SAC, replay buffer included, is tested in tests/jaxrl_suite/test_sac.py.)"""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import child_env, run_cli
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -20,7 +19,7 @@ ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "r
 
 @pytest.fixture(scope="module")
 def env():
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return child_env()
 
 
 def test_grama_smoke_logs_health_and_resets(tmp_path, env):
