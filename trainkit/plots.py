@@ -31,12 +31,17 @@ def mean_and_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
         values = values[None]
-    mean = np.nanmean(values, axis=0)
-    n = values.shape[0]
-    if n < 2:
-        return mean, np.zeros_like(mean)
-    sem = np.nanstd(values, axis=0, ddof=1) / np.sqrt(n)
-    return mean, _t95(n - 1) * sem
+    # NaN entries (e.g. a seed with no finished episode yet) are left out column by column:
+    # the mean and the interval use the n finite seeds of each column (NaN mean if none,
+    # zero half-width if fewer than 2)
+    finite = np.isfinite(values)
+    n = finite.sum(axis=0)
+    filled = np.where(finite, values, 0.0)
+    mean = np.where(n > 0, filled.sum(axis=0) / np.maximum(n, 1), np.nan)
+    sq = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
+    std = np.sqrt(sq / np.maximum(n - 1, 1))
+    t = np.array([_t95(int(k) - 1) if k >= 2 else 0.0 for k in np.ravel(n)]).reshape(n.shape)
+    return mean, np.where(n >= 2, t * std / np.sqrt(np.maximum(n, 1)), 0.0)
 
 
 def _pyplot():

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,19 @@ def test_mean_and_ci_matches_student_t():
     np.testing.assert_allclose(ci, [12.706, 0.0])
     mean, ci = plots.mean_and_ci(np.array([1.0, 2.0]))
     np.testing.assert_allclose(ci, [0.0, 0.0])
+
+
+def test_mean_and_ci_leaves_out_nan_per_column():
+    """Column 0: no finite seed -> NaN mean; column 1: one finite seed -> its value, no
+    interval; column 2: seeds 0, 2, 4 -> mean 2, sem 2/sqrt(3), t(0.975, 2) = 4.303."""
+    nan = np.nan
+    values = np.array([[nan, nan, 0.0], [nan, 5.0, nan], [nan, nan, 2.0], [nan, nan, 4.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice" / "Degrees of freedom"
+        mean, ci = plots.mean_and_ci(values)
+    assert np.isnan(mean[0]) and ci[0] == 0.0
+    np.testing.assert_allclose(mean[1:], [5.0, 2.0])
+    np.testing.assert_allclose(ci[1:], [0.0, 4.303 * 2.0 / np.sqrt(3.0)])
 
 
 def test_plots_write_png(tmp_path):
