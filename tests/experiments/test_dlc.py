@@ -12,7 +12,7 @@ import pytest
 
 from experiments import dlc as D
 from generative import dlc, evaluation as ev
-from tests.helpers import child_env, run_cli
+from tests.helpers import run_cli
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -135,11 +135,9 @@ def test_stages_save_load_and_resume_only_when_asked(tmp_path):
 # --- end to end (slow) ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    out = child_env()
-    out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
-    out["TRAINKIT_NO_PROGRESS"] = "1"
+@pytest.fixture
+def env(subprocess_env):
+    out = dict(subprocess_env)
     # The smoke run is almost all XLA compilation (~40 programs, the DINO step the largest);
     # optimisation level 1 roughly halves it.
     out["XLA_FLAGS"] = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"

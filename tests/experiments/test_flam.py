@@ -12,7 +12,7 @@ import pytest
 
 from audio import sed
 from experiments import flam as F
-from tests.helpers import child_env, run_cli
+from tests.helpers import run_cli
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -127,18 +127,10 @@ def test_config_cross_checks_name_the_field():
 # --- end to end (slow) ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    out = child_env()
-    out["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("mpl"))
-    out["TRAINKIT_NO_PROGRESS"] = "1"
-    return out
-
-
 @pytest.mark.slow
-def test_flam_smoke_end_to_end_and_resume(tmp_path, env):
+def test_flam_smoke_end_to_end_and_resume(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
-    res = run_cli(["run", "flam", "--preset", "smoke", "--run-dir", str(run_dir)], env)
+    res = run_cli(["run", "flam", "--preset", "smoke", "--run-dir", str(run_dir)], subprocess_env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     for label in F.SCORERS.values():
@@ -170,7 +162,7 @@ def test_flam_smoke_end_to_end_and_resume(tmp_path, env):
     metrics_before = (run_dir / "metrics.jsonl").read_text()
     eval_before = (run_dir / "eval.json").read_text()
     ckpts_before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    res = run_cli(["run", "flam", "--run-dir", str(run_dir), "--resume"], env)
+    res = run_cli(["run", "flam", "--run-dir", str(run_dir), "--resume"], subprocess_env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # no step was re-run
     assert (run_dir / "eval.json").read_text() == eval_before  # nor re-evaluated

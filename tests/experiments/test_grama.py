@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import child_env, run_cli
+from tests.helpers import run_cli
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -17,14 +17,9 @@ ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "r
         "--set", "agents=sac,td3"]
 
 
-@pytest.fixture(scope="module")
-def env():
-    return child_env()
-
-
-def test_grama_smoke_logs_health_and_resets(tmp_path, env):
+def test_grama_smoke_logs_health_and_resets(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
-    res = run_cli(["run", "grama", *ARGS, "--run-dir", str(run_dir)], env)
+    res = run_cli(["run", "grama", *ARGS, "--run-dir", str(run_dir)], subprocess_env)
     assert res.returncode == 0, res.stderr
     configs = run_dir / "configs"
     none = read_metrics(configs / "gymnax_Pendulum-v1--mlp--none" / "metrics.jsonl")
