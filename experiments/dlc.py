@@ -77,6 +77,7 @@ from generative import discrete_diffusion as dd
 from generative import dit
 from generative import dlc
 from generative import evaluation as ev
+from generative import sem_supervised as ss
 from generative import vit_dino as vd
 from generative.sem import SEMConfig
 from trainkit import guards, plots
@@ -91,6 +92,10 @@ SET_TITLES = {"real": "real vs real (B vs R)", "uncond": "(a) unconditional DiT"
               "compose": "(d) composition of two images' codes",
               "text": "(e) text-to-image, held-out combinations"}
 HEADS = tuple(ev.SHAPE_ATTRIBUTES)  # kind, colour, size, background, background_colour
+SEM_ENCODERS = ("dino", "attributes")
+ENCODER_TITLES = {"dino": "self-supervised (DINO + SEM), the paper's kind of encoder",
+                  "attributes": "supervised control (ViT + SEM trained to predict the "
+                                "renderer's attributes from the code), not the paper's method"}
 FD_NAME = "FD (attribute-CNN features)"
 
 
@@ -123,8 +128,14 @@ class DataConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class SEMStageConfig(Config):
+    encoder: str = field(
+        "dino", choices=SEM_ENCODERS,
+        help="dino: the self-supervised ViT + SEM + DINO head (the paper's kind of encoder); "
+             "attributes: a supervised control, the same ViT + SEM trained to predict the "
+             "renderer's attributes from the code (generative.sem_supervised), with sem.dino's "
+             "architecture and optimiser")
     dino: vd.DINOConfig = field(factory=vd.DINOConfig.cpu, help="ViT + SEM + DINO head")
-    steps: int = field(1000, ge=1, help="DINO training steps")
+    steps: int = field(1000, ge=1, help="encoder training steps")
     knn_k: int = field(20, ge=1, help="k of the kNN probe of the codes")
 
 
@@ -237,6 +248,19 @@ def cpu() -> DLCExpConfig:
                               steps=800, batch_size=64, warmup_steps=50, sample_steps=16),
         eval=EvalConfig(num_samples=400, num_compose=200, num_prompts=200, sample_steps=30,
                         sample_batch=200, classifier_steps=600, classifier_images=4000))
+
+
+def control() -> DLCExpConfig:
+    """The cpu preset with the supervised control encoder (``sem.encoder=attributes``): the same
+    ViT + SEM trained 1500 steps (lr 2e-3, 100 warm-up steps) to predict the renderer's five
+    attributes from the code, so the codes carry the image's content (at this size: colour,
+    background and background colour >= 0.9 training accuracy, size ~0.7, kind ~0.35 of 5).
+    Everything after the encoder (DiT pair with the same init, batches and noise, code
+    models, evaluation) is the cpu preset's, so the two runs differ only in the codes."""
+    base = cpu()
+    dino = dataclasses.replace(base.sem.dino, lr=2e-3, warmup_steps=100)
+    return dataclasses.replace(base, sem=dataclasses.replace(base.sem, encoder="attributes",
+                                                             dino=dino, steps=1500))
 
 
 def paper() -> DLCExpConfig:
@@ -490,31 +514,41 @@ def stage_sem(cfg: DLCExpConfig, data: dict):
     key = jax.random.key(cfg.seed + 1)
     train_x = _images(data["train_images"])
     test_x = _images(data["test_images"])
-    teacher, hist = vd.train_sem_encoder(s.dino, train_x, key, s.steps)
-    tr_tok, tr_sem = vd.extract_codes(teacher, train_x)
-    te_tok, te_sem = vd.extract_codes(teacher, test_x)
-    untrained = vd.DINOModel(s.dino, rngs=nnx.Rngs(params=jax.random.split(key)[0]))
+    y_tr, y_te = labels_of(data, "train"), labels_of(data, "test")
+    k_model = jax.random.split(key)[0]  # the trained encoder's initialisation
+    if s.encoder == "dino":
+        encoder, hist = vd.train_sem_encoder(s.dino, train_x, key, s.steps)
+        untrained = vd.DINOModel(s.dino, rngs=nnx.Rngs(params=k_model))
+        loss = hist["dino_loss"]
+        extra = {"log_K": math.log(s.dino.out_dim)}
+    else:
+        classes = dict(ev.SHAPE_ATTRIBUTES)
+        encoder, hist = ss.train_attribute_sem_encoder(s.dino, train_x, y_tr, classes, key,
+                                                       s.steps)
+        untrained = ss.AttributeSEMEncoder(s.dino, classes, rngs=nnx.Rngs(params=k_model))
+        loss = hist["loss"]
+        extra = {"train_accuracy": {h: float(np.mean(hist[f"acc_{h}"][-50:])) for h in HEADS}}
+    tr_tok, tr_sem = vd.extract_codes(encoder, train_x)
+    te_tok, te_sem = vd.extract_codes(encoder, test_x)
     u_tr_tok, u_tr_sem = vd.extract_codes(untrained, train_x)
     u_te_tok, u_te_sem = vd.extract_codes(untrained, test_x)
     V = s.dino.sem.group_size
-    y_tr, y_te = labels_of(data, "train"), labels_of(data, "test")
     k = min(s.knn_k, len(train_x))
     knn = {"trained": knn_probe(tr_sem, tr_tok, te_sem, te_tok, y_tr, y_te, V, k),
            "untrained": knn_probe(u_tr_sem, u_tr_tok, u_te_sem, u_te_tok, y_tr, y_te, V, k)}
     tr_tok, te_tok = np.asarray(tr_tok), np.asarray(te_tok)
-    info = {"knn": knn, "k": k,
+    info = {"encoder": s.encoder, "knn": knn, "k": k,
             "distinct_codes_train": int(len(np.unique(tr_tok, axis=0))),
             "distinct_codes_untrained": int(len(np.unique(np.asarray(u_tr_tok), axis=0))),
             "num_train": int(len(tr_tok)),
             "tokens_used": int(len(np.unique(tr_tok))),
             "mean_max_prob": float(np.mean(np.max(np.asarray(te_sem), axis=-1))),
-            "loss_first": float(np.mean(hist["dino_loss"][:20])),
-            "loss_last": float(np.mean(hist["dino_loss"][-20:])),
-            "log_K": math.log(s.dino.out_dim)}
+            "loss_first": float(np.mean(loss[:20])),
+            "loss_last": float(np.mean(loss[-20:])), **extra}
     arrays = {"train_codes": tr_tok, "test_codes": te_tok,
               "test_sem": np.asarray(te_sem, np.float32),
               **{f"hist_{k_}": np.asarray(v) for k_, v in hist.items()}}
-    return arrays, {"teacher": _pure(teacher)}, info
+    return arrays, {"teacher": _pure(encoder)}, info
 
 
 def dit_config(cfg: DLCExpConfig) -> dit.DiTConfig:
@@ -950,17 +984,25 @@ def knn_sentence(sem_info: dict) -> str:
         verdicts.append(f"on {head} the trained encoder {word} the untrained one (codes "
                         f"{tr[f'codes/{head}']:.3f} vs {un[f'codes/{head}']:.3f}, SEM "
                         f"{tr[f'sem/{head}']:.3f} vs {un[f'sem/{head}']:.3f})")
-    return (f"SEM encoder, kNN (k={sem_info['k']}) accuracy: " + "; ".join(verdicts)
-            + f". DINO loss {sem_info['loss_first']:.2f} -> {sem_info['loss_last']:.2f} "
-            f"(uniform solution log K = {sem_info['log_K']:.2f}); "
-            f"{sem_info['distinct_codes_train']} distinct codes over "
-            f"{sem_info['num_train']} training images ({sem_info['distinct_codes_untrained']} "
-            f"untrained), {sem_info['tokens_used']} tokens used, mean max SEM probability "
-            f"{sem_info['mean_max_prob']:.2f}. Self-distillation at this scale barely moves the "
-            f"encoder away from a random ViT (the known state of generative.vit_dino; see the "
-            f"strict xfail in tests/generative/test_vit_dino.py): the codes carry little more "
-            f"than a random projection of the image does, and that is what the DiT is "
-            f"conditioned on.")
+    codes = (f"{sem_info['distinct_codes_train']} distinct codes over "
+             f"{sem_info['num_train']} training images ({sem_info['distinct_codes_untrained']} "
+             f"untrained), {sem_info['tokens_used']} tokens used, mean max SEM probability "
+             f"{sem_info['mean_max_prob']:.2f}.")
+    head = f"SEM encoder, kNN (k={sem_info['k']}) accuracy: " + "; ".join(verdicts) + ". "
+    if sem_info.get("encoder", "dino") == "attributes":
+        acc = ", ".join(f"{h} {a:.2f}" for h, a in sem_info["train_accuracy"].items())
+        return (head + f"Supervised control (not the paper's self-supervised encoder): the "
+                f"ViT + SEM was trained to predict the renderer's attributes from its code; "
+                f"cross-entropy summed over the attributes {sem_info['loss_first']:.2f} -> "
+                f"{sem_info['loss_last']:.2f}, final training accuracy read from the code: "
+                f"{acc}. " + codes + " The codes carry what those accuracies say, and the DiT "
+                "is conditioned on that.")
+    return (head + f"DINO loss {sem_info['loss_first']:.2f} -> {sem_info['loss_last']:.2f} "
+            f"(uniform solution log K = {sem_info['log_K']:.2f}); " + codes
+            + " Self-distillation at this scale barely moves the encoder away from a random "
+            "ViT (the known state of generative.vit_dino; see the strict xfail in "
+            "tests/generative/test_vit_dino.py): the codes carry little more than a random "
+            "projection of the image does, and that is what the DiT is conditioned on.")
 
 
 def report(run_dir: RunDir) -> str:
@@ -1016,12 +1058,20 @@ def report(run_dir: RunDir) -> str:
                               title="dlc: code generators",
                               references={f"log V = {logv:.2f} (uniform tokens)": logv})
     figures.append(("code generators", p))
-    p = plots.learning_curves(plots_dir / "dino_loss.png",
-                              {"DINO loss": (np.arange(1, len(sem["hist_dino_loss"]) + 1),
-                                             _smooth(sem["hist_dino_loss"]))},
-                              ylabel="DINO cross-entropy", title="dlc: SEM encoder",
-                              references={"log K (uniform)": sem_info["log_K"]})
-    figures.append(("SEM encoder (DINO) loss", p))
+    if sem_info.get("encoder", "dino") == "dino":
+        p = plots.learning_curves(plots_dir / "dino_loss.png",
+                                  {"DINO loss": (np.arange(1, len(sem["hist_dino_loss"]) + 1),
+                                                 _smooth(sem["hist_dino_loss"]))},
+                                  ylabel="DINO cross-entropy", title="dlc: SEM encoder",
+                                  references={"log K (uniform)": sem_info["log_K"]})
+        figures.append(("SEM encoder (DINO) loss", p))
+    else:
+        steps_s = np.arange(1, len(sem["hist_loss"]) + 1)
+        p = plots.learning_curves(plots_dir / "sem_accuracy.png",
+                                  {h: (steps_s, _smooth(sem[f"hist_acc_{h}"])) for h in HEADS},
+                                  ylabel="training accuracy read from the code (smoothed)",
+                                  title="dlc: SEM encoder (supervised control)")
+        figures.append(("SEM encoder (supervised control): attribute accuracy from the code", p))
 
     dist_rows = [[SET_TITLES[k], ev_info["num"][k], _fmt(dist[k]["fd"], 2),
                   _fmt(dist[k]["precision"]), _fmt(dist[k]["recall"])]
@@ -1054,6 +1104,7 @@ def report(run_dir: RunDir) -> str:
     d, s = cfg.data, cfg.sem.dino.sem
     text = (
         f"# dlc: Discrete Latent Codes on rendered shapes\n\n"
+        f"SEM encoder: **{ENCODER_TITLES[cfg.sem.encoder]}**. "
         f"{data_info['num_train']} training images ({data_info['removed_heldout']} of "
         f"{d.num_train} rendered removed: held-out pairs {', '.join(d.heldout_pairs)}); "
         f"codes of L={s.num_groups} tokens over V={s.group_size}; both DiTs "
@@ -1100,7 +1151,7 @@ EXPERIMENT = Experiment(
     description="Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel "
                 "DiT; MDLM code prior, composition and text-to-code (arXiv 2507.12318)",
     config_cls=DLCExpConfig,
-    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    presets={"smoke": smoke, "cpu": cpu, "control": control, "paper": paper},
     run=run,
     report=report,
 )

@@ -2,6 +2,7 @@
 composition against a NumPy oracle, the code models' training sequences, config cross-checks,
 stage storage) and the smoke preset end to end through the CLI with a stage-level resume."""
 
+import dataclasses
 import json
 import math
 
@@ -103,9 +104,31 @@ def test_config_cross_checks_name_the_field():
         apply_overrides(D.smoke(), ["data.heldout_pairs=circle:grey"])
     with pytest.raises(ConfigError, match="unconditional"):
         apply_overrides(D.smoke(), ["dit.model.unconditional=true"])
-    for preset in (D.smoke, D.cpu, D.paper):
+    for preset in (D.smoke, D.cpu, D.control, D.paper):
         cfg = preset()
         assert cfg.dit.model.code_length == cfg.sem.dino.sem.num_groups
+    # the control differs from cpu in the encoder stage only (so the two runs are paired)
+    ctrl, cpu = D.control(), D.cpu()
+    assert ctrl.sem.encoder == "attributes" and cpu.sem.encoder == "dino"
+    assert dataclasses.replace(ctrl, sem=cpu.sem) == cpu
+    with pytest.raises(ConfigError, match="sem.encoder"):
+        apply_overrides(D.smoke(), ["sem.encoder=labels"])
+
+
+def test_supervised_control_encoder_stage(tmp_path):
+    """sem.encoder=attributes: codes of the right shape from the supervised ViT + SEM, its
+    training accuracies recorded per attribute, and the report calls it a control."""
+    cfg = apply_overrides(D.smoke(), ["sem.encoder=attributes"])
+    data, _, _ = D.stage_data(cfg)
+    arrays, params, info = D.stage_sem(cfg, data)
+    L = cfg.sem.dino.sem.num_groups
+    assert arrays["train_codes"].shape == (len(data["train_images"]), L)
+    assert arrays["test_codes"].shape == (len(data["test_images"]), L)
+    assert arrays["hist_loss"].shape == (cfg.sem.steps,)
+    assert info["encoder"] == "attributes" and set(info["train_accuracy"]) == set(D.HEADS)
+    assert "teacher" in params
+    text = D.knn_sentence(info)
+    assert "Supervised control" in text and "DINO loss" not in text
     p = D.paper().sem.dino.sem
     assert (p.num_groups, p.group_size) == (32, 4096)
     assert D.paper().dit.model.depth == 28 and D.paper().dit.model.dim == 1152
