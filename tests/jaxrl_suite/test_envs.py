@@ -199,7 +199,8 @@ def case(request) -> Case:
 
 def test_state_survives_a_checkpoint(case, tmp_path):
     """The whole env state (MJX data with its zero-size arrays, PRNG keys, statistics) goes
-    through a trainkit checkpoint unchanged, and the restored state steps like the original."""
+    through a trainkit checkpoint bit for bit (so it steps like the original: the step is a
+    pure function of it; stepping it here again cost ~28 s of compilation for DMC)."""
     from trainkit.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
@@ -210,9 +211,6 @@ def test_state_survives_a_checkpoint(case, tmp_path):
         lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
         else x, t)
     chex.assert_trees_all_equal(key_data(restored), key_data(case.s0))
-    stepped = jax.jit(jax.vmap(case.env.step))(restored, jnp.asarray(case.actions[0]))
-    chex.assert_trees_all_close(key_data(stepped), key_data(jax.tree.map(lambda x: x[0], case.traj)),
-                                rtol=1e-5, atol=1e-5)
 
 
 def test_shapes_and_dtypes(case):
