@@ -110,13 +110,13 @@ def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Arr
     model = AttributeSEMEncoder(cfg, num_classes, rngs=nnx.Rngs(params=k_init))
     graphdef, params = nnx.split(model, nnx.Param)
     optimizer = vd.make_optimizer(cfg, steps)
-    opt_state, guard = optimizer.init(params), guards.init_guard()
 
     def objective(params, x, y):
         return attribute_loss(nnx.merge(graphdef, params)(x), y)
 
     @jax.jit
-    def step(params, opt_state, guard, key):
+    def step(carry, key, images, ys):
+        params, opt_state, guard = carry
         k_idx, k_flip = jax.random.split(key)
         idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
         x = images[idx]
@@ -126,24 +126,13 @@ def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Arr
             params, x, {k: y[idx] for k, y in ys.items()})
         params, opt_state, guard, gm = guards.guarded_update(optimizer, grads, opt_state,
                                                              params, loss, guard)
-        return params, opt_state, guard, {"loss": loss, "grad_norm": optax.global_norm(grads),
-                                          **acc, **gm}
+        return (params, opt_state, guard), {"loss": loss, "grad_norm": optax.global_norm(grads),
+                                            **acc, **gm}
 
-    from trainkit.run import Progress
+    from trainkit.loop import run_steps
 
-    bar = Progress(steps, desc="SEM encoder (attributes)", key_metric="loss") if progress else None
-    rows = []
-    try:
-        for i, k in enumerate(jax.random.split(k_loop, steps)):
-            params, opt_state, guard, metrics = step(params, opt_state, guard, k)
-            rows.append(metrics)
-            if bar is not None and ((i + 1) % 10 == 0 or i + 1 == steps):
-                bar.update(i + 1, jax.device_get(metrics))
-            if (i + 1) % 50 == 0 or i + 1 == steps:
-                guards.check_streak(jax.device_get(metrics), 10, step=i + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-    rows = jax.device_get(rows)
-    history = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+    (params, _, _), history = run_steps(lambda c, k: step(c, k, images, ys),
+                                        (params, optimizer.init(params), guards.init_guard()),
+                                        jax.random.split(k_loop, steps),
+                                        desc="SEM encoder (attributes)", progress=progress)
     return nnx.merge(graphdef, params), history

@@ -854,23 +854,11 @@ def train_sem_encoder(cfg: DINOConfig, images: np.ndarray | jax.Array, key: jax.
         idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
         return step(state, k_aug, images[idx])
 
-    from trainkit.run import Progress
+    from trainkit.loop import run_steps
 
-    bar = Progress(steps, desc="dino", key_metric="loss") if progress else None
-    rows: list[dict[str, jax.Array]] = []
-    try:
-        for i, k in enumerate(jax.random.split(k_loop, steps)):
-            state, metrics = sample_and_step(state, k, images)
-            rows.append(metrics)
-            if bar is not None and ((i + 1) % 10 == 0 or i + 1 == steps):
-                bar.update(i + 1, jax.device_get(metrics))
-            if (i + 1) % 50 == 0 or i + 1 == steps:
-                guards.check_streak(jax.device_get(metrics), max_nonfinite, step=i + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-    rows = jax.device_get(rows)
-    history = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+    state, history = run_steps(lambda s, k: sample_and_step(s, k, images), state,
+                               jax.random.split(k_loop, steps), desc="dino", progress=progress,
+                               max_nonfinite=max_nonfinite)
     teacher = nnx.merge(graphdef, state.teacher)
     return teacher, history
 

@@ -96,5 +96,32 @@ def fit(run_dir: RunDir, state: Any, chunk: Callable[[Any, int], tuple[Any, dict
     return state, logger
 
 
+def run_steps(step: Callable[[Any, jax.Array], tuple[Any, dict]], state: Any, keys: jax.Array,
+              *, desc: str = "train", progress: bool = True, max_nonfinite: int = 10,
+              key_metric: str | None = "loss") -> tuple[Any, dict[str, np.ndarray]]:
+    """``state, metrics = step(state, keys[i])`` for every key, in memory: the loop of a
+    pipeline stage that keeps its own outputs (:func:`fit` is the loop with a run directory,
+    checkpoints and logs). The progress bar is updated every 10 steps; a streak of
+    ``max_nonfinite`` skipped steps raises :class:`trainkit.guards.NonFiniteError` (checked
+    every 50 steps and at the end). Returns the final state and the per-step metrics stacked
+    into numpy arrays ``{name: [len(keys)]}``."""
+    n = len(keys)
+    bar = Progress(n, desc=desc, key_metric=key_metric) if progress else None
+    rows = []
+    try:
+        for i in range(n):
+            state, metrics = step(state, keys[i])
+            rows.append(metrics)
+            if bar is not None and ((i + 1) % 10 == 0 or i + 1 == n):
+                bar.update(i + 1, jax.device_get(metrics))
+            if (i + 1) % 50 == 0 or i + 1 == n:
+                check_streak(jax.device_get(metrics), max_nonfinite, step=i + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = jax.device_get(rows)
+    return state, {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
 def count_params(tree: Any) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

@@ -113,9 +113,12 @@ def test_config_cross_checks_name_the_field():
     assert dataclasses.replace(ctrl, sem=cpu.sem) == cpu
     with pytest.raises(ConfigError, match="sem.encoder"):
         apply_overrides(D.smoke(), ["sem.encoder=labels"])
+    p = D.paper().sem.dino.sem
+    assert (p.num_groups, p.group_size) == (32, 4096)
+    assert D.paper().dit.model.depth == 28 and D.paper().dit.model.dim == 1152
 
 
-def test_supervised_control_encoder_stage(tmp_path):
+def test_supervised_control_encoder_stage():
     """sem.encoder=attributes: codes of the right shape from the supervised ViT + SEM, its
     training accuracies recorded per attribute, and the report calls it a control."""
     cfg = apply_overrides(D.smoke(), ["sem.encoder=attributes"])
@@ -129,9 +132,6 @@ def test_supervised_control_encoder_stage(tmp_path):
     assert "teacher" in params
     text = D.knn_sentence(info)
     assert "Supervised control" in text and "DINO loss" not in text
-    p = D.paper().sem.dino.sem
-    assert (p.num_groups, p.group_size) == (32, 4096)
-    assert D.paper().dit.model.depth == 28 and D.paper().dit.model.dim == 1152
 
 
 def test_stages_save_load_and_resume_only_when_asked(tmp_path):

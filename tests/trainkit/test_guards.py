@@ -66,3 +66,24 @@ def test_check_streak_raises_with_clear_message():
     with pytest.raises(NonFiniteError, match=r"stopped at step 12: 3 consecutive.*step 10"):
         check_streak({"nonfinite_streak": np.array([[1], [2], [3]])}, 3, step=12,
                      last_good_checkpoint=10)
+
+
+def test_run_steps_stacks_metrics_and_stops_on_a_nonfinite_streak():
+    """trainkit.loop.run_steps: the state threads through every key, each step's metrics come
+    back stacked; a streak of skipped steps raises at the next check."""
+    from trainkit.loop import run_steps
+
+    def step(state, key):
+        return state + 1, {"loss": state * 2.0, "nonfinite_streak": jnp.int32(0)}
+
+    keys = jax.random.split(jax.random.key(0), 7)
+    state, hist = run_steps(step, jnp.int32(0), keys, progress=False)
+    assert int(state) == 7
+    np.testing.assert_array_equal(hist["loss"], 2.0 * np.arange(7))
+
+    def bad(state, key):  # step i reports a streak of i - 2
+        return state + 1, {"nonfinite_streak": jnp.maximum(state - 1, 0)}
+
+    with pytest.raises(NonFiniteError, match="stopped at step 50"):  # first check
+        run_steps(bad, jnp.int32(0), jax.random.split(jax.random.key(0), 80), progress=False,
+                  max_nonfinite=10)
