@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 TEST_EXTRAS ?= test,llm,parity,rl,generative,audio
 DEMO ?= kl_estimators
 DEMO_PRESET ?= smoke
+comma := ,
 
 .PHONY: demo test install clean
 
@@ -19,11 +20,20 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$(TEST_EXTRAS)]"
-	touch $@ $(VENV)/.installed-base
+	touch $@ $(VENV)/.installed-base $(foreach e,$(subst $(comma), ,$(TEST_EXTRAS)),$(VENV)/.installed-$(e))
 
 install: $(VENV)/.installed-base
 
+# The demo installs the extra its experiment declares in experiments/registry.py
+# (`python -m experiments extra NAME` prints it), once per extra and again when
+# pyproject.toml changes.
 demo: $(VENV)/.installed-base
+	@extra=$$($(PY) -m experiments extra $(DEMO)) || exit 2; \
+	stamp=$(VENV)/.installed-$$extra; \
+	if [ -n "$$extra" ] && { [ ! -f $$stamp ] || [ pyproject.toml -nt $$stamp ]; }; then \
+		echo "installing the '$$extra' extra that $(DEMO) needs"; \
+		$(PY) -m pip install --quiet -e ".[$$extra]" && touch $$stamp || exit 1; \
+	fi
 	$(PY) -m experiments run $(DEMO) --preset $(DEMO_PRESET) --run-dir runs/demo-$(DEMO)-$(DEMO_PRESET)-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collects nothing: that must fail, never pass quietly. The slowest

@@ -75,7 +75,7 @@ from flax import nnx
 import trainkit  # noqa: F401  (parameters keep logical axes as metadata)
 from audio import flam
 from audio.minilm import MiniLM, MiniLMConfig, l2_normalize
-from llm_rl.models.layers import Dense, Embed, EncoderBlock, LayerNorm
+from trainkit.nn.layers import Dense, Embed, EncoderBlock, LayerNorm
 from trainkit.config import Config, field
 
 __all__ = [
@@ -308,7 +308,7 @@ class AudioEncoder(nnx.Module):
     ``(frames [B, L, D], clip [B, D], mask [B, L])`` with ``L = ceil(T / downsample)``:
     conv stem (``x[..., None]``, stages of :class:`ConvStage`, padded frames zeroed before
     each stage), flatten (mel x channels) -> Linear to D, plus sinusoidal positions,
-    ``depth`` pre-LN :class:`~llm_rl.models.layers.EncoderBlock` s with padded keys masked,
+    ``depth`` pre-LN :class:`~trainkit.nn.layers.EncoderBlock` s with padded keys masked,
     final LayerNorm; padded output frames are set to 0; ``clip`` is the masked mean over valid
     frames (the official FLAM global feature; see the module docstring). The valid frames must
     be a prefix."""
@@ -364,7 +364,7 @@ class TextEncoder(nnx.Module):
     """Word-id transformer trained from scratch: ``encoder(ids [K, S], mask [K, S]) -> [K, D]``.
 
     Token + learned position embeddings, ``depth`` pre-LN
-    :class:`~llm_rl.models.layers.EncoderBlock` s (padded keys masked), final LayerNorm, masked
+    :class:`~trainkit.nn.layers.EncoderBlock` s (padded keys masked), final LayerNorm, masked
     mean over the real tokens (float32 pooled output)."""
 
     def __init__(self, cfg: TextEncoderConfig, *, param_dtype: Any = jnp.float32,

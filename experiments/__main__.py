@@ -1,4 +1,4 @@
-"""python -m experiments list | show NAME | run NAME ... | report RUN_DIR
+"""python -m experiments list | show NAME | run NAME ... | report RUN_DIR | extra NAME
 
 Exit codes: 0 success, 1 training failure (non-finite streak), 2 user error (one line on
 stderr, no traceback), 128+signal when stopped by SIGTERM/SIGINT after checkpointing.
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1)")
     report = sub.add_parser("report", help="regenerate report.md and plots of a run")
     report.add_argument("run_dir")
+    extra = sub.add_parser("extra", help="print the pyproject extra an experiment needs "
+                                         "(empty: the base install is enough)")
+    extra.add_argument("name")
     return p
 
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "extra":
+            return _extra(args)
         _quiet_orbax()
         # Multi-host: must start before anything touches the JAX backend.
         from trainkit.sharding import initialize_distributed
@@ -115,8 +120,16 @@ def _list() -> int:
     from experiments.registry import REGISTRY
 
     width = max(len(n) for n in REGISTRY)
-    for name, (_, what) in REGISTRY.items():
-        print(f"{name:<{width}}  {what}")
+    for name, entry in REGISTRY.items():
+        print(f"{name:<{width}}  {entry.what}")
+    return 0
+
+
+def _extra(args) -> int:
+    """Print the experiment's extra (what ``make demo`` installs), without importing it."""
+    from experiments.registry import entry
+
+    print(entry(args.name).extra or "")
     return 0
 
 
@@ -133,7 +146,7 @@ def _show(args) -> int:
 
 
 def _run(args) -> int:
-    from experiments.registry import UserError, execute, get
+    from experiments.registry import UserError, execute, get, missing_module_error
     from trainkit import config as tc
     from trainkit.run import RunDir, is_main_process, read_json
 
@@ -172,6 +185,11 @@ def _run(args) -> int:
 
     try:
         summary = execute(exp, cfg, run_dir, seeds=seeds, resume=args.resume, info=info)
+    except ModuleNotFoundError as err:  # a lazily imported package of a missing extra
+        error = missing_module_error(exp.name, err)
+        if isinstance(error, UserError):
+            raise error from None
+        raise
     except Interrupted as err:
         sys.stderr.write(f"{err}; continue with: python -m experiments run {exp.name} "
                          f"--run-dir {run_dir.path} --resume\n")

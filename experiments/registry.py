@@ -11,33 +11,43 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
 
 from trainkit.config import Config
 from trainkit.run import RunDir
 
 PRESETS = ("smoke", "cpu", "paper")
 
-# name -> (module, one line: what it reproduces)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "quickstart": ("experiments.quickstart",
-                   "teacher-student MLP regression exercising the whole stack (sharding, "
-                   "checkpoints, guards, logging, plots)"),
-    "lm_pretrain": ("experiments.lm_pretrain",
-                    "small Qwen3/Qwen2/Llama decoder trained from scratch on arithmetic and "
-                    "Countdown, saved in HF format (the base model of the LLM RL methods)"),
-    "kl_estimators": ("experiments.kl_estimators",
-                      "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
-                      "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
-    "grama": ("experiments.grama",
-              "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in SAC "
-              "critics (plain, LayerNorm, residual)"),
-    "flam": ("experiments.flam",
-             "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on simulated "
-             "sound events, open-vocabulary SED on held-out classes (arXiv 2505.05335)"),
-    "dlc": ("experiments.dlc",
-            "Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel DiT; "
-            "MDLM code prior, composition and text-to-code (arXiv 2507.12318)"),
+class Entry(NamedTuple):
+    """One registered experiment: where it lives, the extra it needs, what it reproduces."""
+
+    module: str
+    extra: str | None  # the pyproject extra whose packages the experiment imports (None: base only)
+    what: str  # one line: what it reproduces
+
+
+REGISTRY: dict[str, Entry] = {
+    "quickstart": Entry("experiments.quickstart", None,
+                        "teacher-student MLP regression exercising the whole stack (sharding, "
+                        "checkpoints, guards, logging, plots)"),
+    "lm_pretrain": Entry("experiments.lm_pretrain", "llm",
+                         "small Qwen3/Qwen2/Llama decoder trained from scratch on arithmetic and "
+                         "Countdown, saved in HF format (the base model of the LLM RL methods)"),
+    "kl_estimators": Entry("experiments.kl_estimators", "llm",
+                           "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
+                           "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
+    "grama": Entry("experiments.grama", "rl",
+                   "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in "
+                   "SAC critics (plain, LayerNorm, residual)"),
+    "flam": Entry("experiments.flam", "audio",
+                  "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on "
+                  "simulated sound events, open-vocabulary SED on held-out classes "
+                  "(arXiv 2505.05335)"),
+    "dlc": Entry("experiments.dlc", "generative",
+                 "Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel "
+                 "DiT; MDLM code prior, composition and text-to-code (arXiv 2507.12318)"),
 }
 
 
@@ -101,12 +111,129 @@ def execute(exp: Experiment, cfg: Config, run_dir: RunDir, *, seeds: int = 1, re
     return summary
 
 
-def get(name: str) -> Experiment:
+# Top-level packages of this project: a ModuleNotFoundError naming one of them is a bug, not a
+# missing extra.
+_OWN_PACKAGES = frozenset({"trainkit", "jaxrl_suite", "llm_rl", "generative", "audio",
+                           "experiments"})
+
+
+def install_command(extra: str) -> str:
+    """The exact command that installs ``extra`` into the running interpreter."""
+    root = Path(__file__).resolve().parents[1]
+    target = f"{root}[{extra}]" if (root / "pyproject.toml").exists() else f"jaxresearch[{extra}]"
+    editable = "-e " if (root / "pyproject.toml").exists() else ""
+    return f"{sys.executable} -m pip install {editable}'{target}'"
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """Distribution names the installed project lists under ``extra`` (extras that name other
+    extras, like ``all``, expanded); empty when the project is not installed (a bare source
+    tree on PYTHONPATH has no metadata to check against)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requires = metadata.requires("jaxresearch") or []
+    except metadata.PackageNotFoundError:
+        return []
+    names: list[str] = []
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is None or not req.marker.evaluate({"extra": extra}):
+            continue
+        if req.name == "jaxresearch":
+            for inner in sorted(req.extras):
+                names += _extra_requirements(inner)
+        else:
+            names.append(req.name)
+    return names
+
+
+def missing_for_extra(extra: str) -> str | None:
+    """The first package of ``extra`` that cannot be imported here, as
+    ``"module 'm' (package p)"``, or None when all of them can.
+
+    A package counts as missing when its distribution is not installed, or when one of the
+    top-level modules it provides cannot be found (``importlib.util.find_spec``)."""
+    import importlib.util
+    from importlib import metadata
+
+    provided: dict[str, list[str]] | None = None
+    for dist in _extra_requirements(extra):
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            return f"package '{dist}'"
+        if provided is None:
+            provided = {}
+            for module, dists in metadata.packages_distributions().items():
+                for d in dists:
+                    provided.setdefault(_normalise(d), []).append(module)
+        for module in provided.get(_normalise(dist), []):
+            if module.startswith("_") or "-" in module:
+                continue
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                return f"module '{module}' (package {dist})"
+    return None
+
+
+def _normalise(dist: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def require_extra(name: str) -> None:
+    """Raise :class:`UserError` (one line: what is missing and the install command) when the
+    extra that experiment ``name`` declares is not installed."""
+    extra = REGISTRY[name].extra
+    if extra is None:
+        return
+    missing = missing_for_extra(extra)
+    if missing is not None:
+        raise UserError(f"experiment '{name}' needs the '{extra}' extra, but {missing} is not "
+                        f"installed; install it with: {install_command(extra)}")
+
+
+def missing_module_error(name: str, err: ModuleNotFoundError) -> Exception:
+    """The one-line :class:`UserError` for a third-party module missing while experiment
+    ``name`` imports or runs; a missing module of this project itself stays the bug it is."""
+    top = (err.name or "").split(".")[0]
+    if not top or top in _OWN_PACKAGES:
+        return err
+    extra = REGISTRY[name].extra
+    if extra is None:
+        return UserError(f"experiment '{name}' imports module '{top}', which is not installed "
+                         "and which no extra of this project declares (a bug: please report it)")
+    return UserError(f"experiment '{name}' needs module '{top}', which is not installed; install "
+                     f"the project with its '{extra}' extra: {install_command(extra)}")
+
+
+def entry(name: str) -> Entry:
+    """The registry entry of ``name``; :class:`UserError` with close matches when unknown."""
     if name not in REGISTRY:
         import difflib
 
         close = difflib.get_close_matches(name, list(REGISTRY), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(REGISTRY)}"
         raise UserError(f"unknown experiment '{name}': {hint}")
-    module = importlib.import_module(REGISTRY[name][0])
+    return REGISTRY[name]
+
+
+def get(name: str) -> Experiment:
+    """Import experiment ``name``, after checking that its extra is installed."""
+    module_name = entry(name).module
+    require_extra(name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        error = missing_module_error(name, err)
+        if isinstance(error, UserError):
+            raise error from None
+        raise
     return module.EXPERIMENT

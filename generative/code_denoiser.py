@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from generative import discrete_diffusion
-from llm_rl.models.layers import EncoderBlock
+from trainkit.nn.layers import EncoderBlock
 from trainkit.config import Config, field
 
 

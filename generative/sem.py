@@ -24,7 +24,6 @@ import dataclasses
 
 import chex
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from trainkit.config import Config, field

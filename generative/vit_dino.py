@@ -71,7 +71,7 @@ from flax import nnx
 
 from generative import dlc
 from generative.sem import SEMConfig, SEMHead
-from llm_rl.models.layers import EncoderBlock
+from trainkit.nn.layers import EncoderBlock
 from trainkit import guards
 from trainkit.config import Config, field
 
@@ -567,7 +567,7 @@ class ViT(nnx.Module):
     Patch embedding (a linear map of each flattened ``p x p`` patch, the same as a stride-``p``
     convolution), a learned CLS token, learned position embeddings for the ``grid x grid``
     patches of an ``image_size`` image (plus one for CLS), ``depth`` pre-LN blocks
-    (:class:`~llm_rl.models.layers.EncoderBlock`) and a final LayerNorm. An input of another
+    (:class:`~trainkit.nn.layers.EncoderBlock`) and a final LayerNorm. An input of another
     size (DINO's local crops) gets the patch position embeddings resized bicubically to its
     ``(H/p) x (W/p)`` grid (DINO's ``interpolate_pos_encoding``; ``jax.image.resize`` weights,
     precomputed as two small matrices).

@@ -31,9 +31,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llm_rl.models import llama, qwen2, qwen3
-from llm_rl.models.keymap import IGNORED_HF_KEYS, KeyRule, find_rule
+from llm_rl.models.keymap import IGNORED_HF_KEYS
 from llm_rl.models.layers import CausalLM, DecoderConfig, ValueModel
+from trainkit.checkpoint import CheckpointError
 from trainkit.config import ConfigError
+from trainkit.nn.keymap import (KeyRule, MissingTensorError, TensorShapeError, find_rule,
+                                open_safetensors, read_config_json)
 from trainkit.sharding import DEFAULT_RULES, param_shardings, to_host
 
 log = logging.getLogger(__name__)
@@ -42,21 +45,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read or written; the message names the file and key."""
-
-
 class UnknownArchitectureError(CheckpointError):
-    pass
-
-
-class MissingTensorError(CheckpointError, KeyError):
-    def __str__(self):  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-class TensorShapeError(CheckpointError, ValueError):
-    pass
+    """``config.json`` names an architecture the zoo does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +119,7 @@ class _Tensors:
             path = self.root / filename
             if not path.exists():
                 raise CheckpointError(f"{path}: missing (listed in {self.index})")
-            from safetensors import safe_open
-
-            self._open[filename] = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            self._open[filename] = self._stack.enter_context(open_safetensors(path))
         return self._open[filename]
 
     def _locate(self, key: str, wanted_by: str):
@@ -154,16 +142,6 @@ class _Tensors:
         return handle.get_tensor(key)
 
 
-def _read_config(root: Path) -> dict[str, Any]:
-    path = root / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (not an HF model directory?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-
-
 def _place(host: np.ndarray, sharding) -> jax.Array:
     if sharding is None:
         return jnp.asarray(host)
@@ -184,7 +162,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mes
     Raises :class:`UnknownArchitectureError`, :class:`MissingTensorError`,
     :class:`TensorShapeError` or :class:`CheckpointError`, each naming the file and key."""
     root = Path(path)
-    hf = _read_config(root)
+    hf = read_config_json(root)
     fam = family_for(hf, str(root / "config.json"))
     try:
         cfg = fam.config_class.from_hf_config(hf)

@@ -108,3 +108,21 @@ def test_unsupported_config_features_are_refused_by_name(ckpt, change, words):
     with pytest.raises(CheckpointError) as err:
         from_pretrained(ckpt)
     assert words in str(err.value) and str(ckpt / "config.json") in str(err.value)
+
+
+def test_truncated_safetensors_file_names_the_file(ckpt):
+    # safetensors' own SafetensorError ("incomplete metadata, file not fully covered") named
+    # neither the file nor what to do
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(ckpt)
+    assert str(path) in str(err.value) and "damaged or incomplete" in str(err.value)
+
+
+def test_checkpoint_errors_are_the_trainkit_error_the_cli_reports():
+    # one error family across the library: `python -m experiments` prints it in one line
+    from trainkit.checkpoint import CheckpointError as TrainkitCheckpointError
+
+    assert issubclass(CheckpointError, TrainkitCheckpointError)
+    assert issubclass(MissingTensorError, KeyError) and issubclass(TensorShapeError, ValueError)

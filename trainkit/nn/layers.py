@@ -1,0 +1,169 @@
+"""Domain-neutral NNX layers every package builds on: ``Dense`` with logical axes, the token
+``Embed`` table, ``LayerNorm``, grouped-query ``dot_product_attention`` and the bidirectional
+pre-LN ``EncoderBlock`` (the audio encoders, the MiniLM text encoder, the generative ViT and
+code denoiser stack it; the LM zoo's decoders in :mod:`llm_rl.models` use ``Dense``, ``Embed``
+and the attention).
+
+Every parameter carries logical axis names (``nnx.Param(..., out_sharding=(...))``); the rules
+table of :mod:`trainkit.sharding` maps them onto the mesh.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``D`` width, ``N`` query heads,
+``K`` key/value heads, ``G = N / K`` queries per key/value head, ``H`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # normal(0, 0.02) for kernels and embeddings, as the HF models initialise
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+
+def param(rngs: nnx.Rngs | None, kind: str, shape: Sequence[int], dtype: Any,
+           axes: Sequence[str | None]) -> nnx.Param:
+    shape = tuple(int(s) for s in shape)
+    if kind == "normal":
+        value = nnx.initializers.normal(INIT_STD)(rngs.params(), shape, dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif kind == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(kind)
+    return nnx.Param(value, out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """``y = x . W + b`` contracting the trailing ``len(in_shape)`` dims of ``x`` with the
+    leading dims of ``W`` (shape ``in_shape + out_shape``), so heads stay a separate axis.
+
+    ``kernel_init(key, shape, dtype)`` replaces the default ``normal(0.02)`` (the HF LMs'
+    initialiser); it is called on the matrix shape ``(prod(in_shape), prod(out_shape))`` and
+    the result reshaped, so fan-in/fan-out initialisers (``lecun_normal``...) see the true
+    fan-in of a head-split kernel (and a 2-D sample compiles faster than a 3-D one on CPU).
+    Biases start at zero."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+                 axes: Sequence[str | None], *, use_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
+                 kernel_init: Callable[..., jax.Array] | None = None):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        assert len(axes) == len(in_shape) + len(out_shape), (axes, in_shape, out_shape)
+        self.n_in = len(in_shape)
+        if kernel_init is None:
+            self.kernel = param(rngs, "normal", in_shape + out_shape, param_dtype, axes)
+        else:
+            matrix = (math.prod(in_shape), math.prod(out_shape))
+            value = kernel_init(rngs.params(), matrix, param_dtype).reshape(in_shape + out_shape)
+            self.kernel = nnx.Param(value, out_sharding=tuple(axes))
+        self.bias = (param(rngs, "zeros", out_shape, param_dtype, axes[self.n_in:])
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        kernel = self.kernel[...]
+        y = jnp.tensordot(x.astype(kernel.dtype), kernel, axes=self.n_in,
+                          preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``E`` (V, D), logical axes ("vocab", "embed")."""
+
+    def __init__(self, vocab: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs):
+        self.embedding = param(rngs, "normal", (vocab, dim), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied output projection: float32 ``logits = h E^T``."""
+        return jnp.einsum("btd,vd->btv", h, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """``y = (x - mean) / sqrt(var + eps) * scale + bias`` over the last axis (biased
+    variance, as ``torch.nn.LayerNorm``); statistics in float32, output in ``x.dtype``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32,
+                 axes: Sequence[str | None] = ("embed",)):
+        self.eps = float(eps)
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=tuple(axes))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          scale: float | None = None) -> jax.Array:
+    """Grouped-query attention ``softmax(q k^T * scale + m) v``.
+
+    q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] boolean (True: may attend); query head
+    ``n`` uses key/value head ``n // G`` (``G = N / K``). Scores and softmax are float32;
+    masked scores are set to the float32 minimum, so a row with no visible key (a padding
+    query) gives a finite, meaningless average instead of NaN. Returns [B, T, N, H] in v.dtype.
+    """
+    chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if n % kh:
+        raise ValueError(f"query heads {n} not a multiple of key/value heads {kh}")
+    scale = h ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class EncoderBlock(nnx.Module):
+    """Bidirectional pre-LN transformer block (ViT, BERT-style encoders without the post-LN):
+    ``h = x + W_o Attn(LN_1(x))``, ``y = h + W_2 GELU(W_1 LN_2(h))``, exact (erf) GELU.
+
+    Attention is :func:`dot_product_attention` with separate q/k/v projections
+    ``("embed", "heads", "head_dim")`` and ``mask [B, T, T]`` (True: query may attend key; None:
+    every key). The one encoder block of the library: the audio and text encoders of
+    :mod:`audio.encoders`, the ViT of :mod:`generative.vit_dino` and the code denoiser of
+    :mod:`generative.code_denoiser` stack it. ``kernel_init`` as in :class:`Dense`."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 kernel_init: Callable[..., jax.Array] | None = None):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not a multiple of num_heads {num_heads}")
+        h = width // num_heads
+
+        def dense(i, o, axes):
+            return Dense(i, o, axes, use_bias=True, param_dtype=param_dtype, rngs=rngs,
+                         kernel_init=kernel_init)
+
+        self.attn_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.query = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.key = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.value = dense((width,), (num_heads, h), ("embed", "heads", "head_dim"))
+        self.out = dense((num_heads, h), (width,), ("heads", "head_dim", "embed"))
+        self.mlp_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.fc1 = dense((width,), (mlp_dim,), ("embed", "mlp"))
+        self.fc2 = dense((mlp_dim,), (width,), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if mask is None:
+            mask = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
+        y = self.attn_norm(x)
+        x = x + self.out(dot_product_attention(self.query(y), self.key(y), self.value(y), mask))
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
