@@ -111,6 +111,15 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *,
         is refused here: it would count that score-function term twice.
       rho_truncation: optional c for rho -> min(rho, c).
 
+    Stale vs on-policy "loss" placement: with ``behavior_logp`` the loss is beta * rho_t k_t,
+    and even where rho = 1 in value (mu = pi) its gradient is (k_t + dk_t/dl) grad log pi_t:
+    the pathwise term *plus* the per-token score term k_t grad log pi_t (for k1 and k3; k2's
+    rho is detached, so k2 keeps dk/dl). Without ``behavior_logp`` the gradient is dk_t/dl
+    grad log pi_t only. So ``placement="loss"`` is a different estimator on stale rollouts
+    than on-policy: :mod:`llm_rl.rl` passes ``behavior_logp`` only when staleness >= 1, and
+    comparisons of on-policy against asynchronous "loss" runs compare these two estimators
+    (tests/llm_rl/test_kl.py pins both gradients).
+
     Returns:
       KLPenalty(reward [B] = beta * stop_grad(S_b) if placement in (reward, both) else 0,
                 loss = beta * mean_b S_b (differentiable) if placement in (loss, both) else 0,

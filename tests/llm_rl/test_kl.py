@@ -81,12 +81,27 @@ class KLPenaltyTest(chex.TestCase):
             np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
             np.testing.assert_allclose(a.reward, b.reward, rtol=1e-6)
 
-    def test_on_policy_behavior_equals_plain(self):
-        # rho = 1 when the behaviour policy is the current one: same loss and gradient.
+    def test_on_policy_behavior_same_loss_but_adds_the_score_term(self):
+        # rho = 1 in value when the behaviour policy is the current one, so the losses agree;
+        # the gradients do not: d(rho k)/dl = k + dk/dl for k1 and k3 (rho carries the per-token
+        # score term k_t grad log pi_t), while k2 keeps dk/dl (its rho is detached). The
+        # trainer therefore passes behavior_logp only for stale rollouts (see llm_rl.kl).
+        b = self.logp.shape[0]
+        l = self.logp - self.ref
+        k = {"k1": l, "k2": 0.5 * l * l, "k3": jnp.expm1(-l) + l}
+        dk = {"k1": jnp.ones_like(l), "k2": l, "k3": 1.0 - jnp.exp(-l)}
         for est in ("k1", "k2", "k3"):
             f = lambda lp, beh: kl_penalty(lp, self.ref, self.mask, estimator=est, placement="loss",
                                            beta=1.0, behavior_logp=beh).loss
             np.testing.assert_allclose(f(self.logp, self.logp), f(self.logp, None), rtol=1e-6)
+            g_plain = jax.grad(lambda x: f(x, None))(self.logp)
+            g_stale = jax.grad(lambda x: f(x, jax.lax.stop_gradient(x)))(self.logp)
+            np.testing.assert_allclose(g_plain, self.mask * dk[est] / b, rtol=1e-5, atol=1e-7)
+            score = 0.0 if est == "k2" else k[est]
+            np.testing.assert_allclose(g_stale, self.mask * (dk[est] + score) / b, rtol=1e-5,
+                                       atol=1e-7)
+            if est != "k2":
+                assert float(jnp.abs(g_stale - g_plain).max()) > 1e-3
 
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="estimator='k4'"):
