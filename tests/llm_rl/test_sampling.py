@@ -97,13 +97,23 @@ def test_sampling_distribution_with_top_k_and_top_p():
 
 def test_empirical_first_token_frequencies_match_the_distribution():
     model, cfg = _model()
-    ids = jnp.tile(jnp.asarray([[5, 7, 9]], jnp.int32), (4000, 1))
+    # Spread the logits (the initialised model's are near uniform, where a sampler that
+    # ignored the temperature would pass): scale the LM head.
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 20.0
+    ids = jnp.tile(jnp.asarray([[5, 7, 9]], jnp.int32), (8000, 1))
     mask = jnp.ones_like(ids)
     out = generate(model, ids, mask, jax.random.key(2), max_new_tokens=1, temperature=1.5, top_k=4)
-    want = np.exp(np.asarray(process_logits(model(ids[:1], mask[:1])[:, -1], 1.5, 4, None)))[0]
+    last = model(ids[:1], mask[:1])[:, -1]
+    want = np.exp(np.asarray(process_logits(last, 1.5, 4, None)))[0]
     counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=cfg.vocab_size) / ids.shape[0]
+    tolerance = 4 * np.sqrt(0.25 / ids.shape[0])
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want))
-    np.testing.assert_allclose(counts, want, atol=4 * np.sqrt(0.25 / ids.shape[0]))
+    np.testing.assert_allclose(counts, want, atol=tolerance)
+    # the test separates temperatures: T = 1 (or no top-k) would fail it
+    at_t1 = np.exp(np.asarray(process_logits(last, 1.0, 4, None)))[0]
+    no_top_k = np.exp(np.asarray(process_logits(last, 1.5, None, None)))[0]
+    assert np.abs(at_t1 - want).max() > 3 * tolerance
+    assert np.abs(no_top_k - want).max() > 3 * tolerance
 
 
 def test_bad_settings():
