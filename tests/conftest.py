@@ -1,9 +1,13 @@
 """Test-wide setup: 8 simulated CPU devices (set before JAX initialises), caches in tmp."""
 
 import os
+import re
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated devices, whatever XLA_FLAGS the caller set: a pre-set XLA_FLAGS without the
+# device count used to turn every 8-device sharding test into a quiet skip.
+_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_flags.strip()} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "mpl-tests"))
 os.environ.setdefault("TRAINKIT_NO_PROGRESS", "1")
@@ -24,3 +28,21 @@ from tests.helpers import child_env  # noqa: E402
 def subprocess_env():
     return child_env()
 
+
+
+# In CI (CI=true, set by .ci/run) a sharding test skipped for want of devices fails the run.
+_DEVICE_SKIP = "(simulated) devices"
+_device_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _DEVICE_SKIP in str(report.longrepr):
+        _device_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("CI") == "true" and _device_skips:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"error: {len(_device_skips)} sharding tests were skipped for want of simulated "
+            f"devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}): {_device_skips[:5]}", red=True)
+        session.exitstatus = 1

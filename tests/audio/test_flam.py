@@ -363,7 +363,7 @@ def test_ring_equals_direct_on_8_devices(stop):
     from trainkit.sharding import make_mesh
 
     if jax.device_count() < 8:
-        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+        pytest.skip("needs 8 (simulated) devices (tests/conftest.py)")
     mesh = make_mesh(data=8, devices=jax.devices()[:8])
     frames, text, alpha, beta, labels, fm, tm = _inputs(12, 16, 24, 3, 5)
     direct = lambda f, t, a, be, y, m1, m2: flam.frame_loss(f, t, a, be, y, m1, m2,
