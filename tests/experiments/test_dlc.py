@@ -205,3 +205,37 @@ def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, env):
     again = json.loads((run_dir / "summary.json").read_text())
     assert again["final"] == summary["final"]
     assert again["params_sha256"] == summary["params_sha256"]
+
+
+# --- report verdicts ----------------------------------------------------------------------------
+
+
+def _dist(uncond, prior, recon=250.0, real=10.0):
+    one = lambda fd: {"fd": fd, "precision": 0.5, "recall": 0.4}
+    return {"uncond": one(uncond), "prior": one(prior), "recon": one(recon), "real": one(real)}
+
+
+def test_distance_sentence_verdict_follows_the_numbers():
+    lower = D.distance_sentence(_dist(uncond=300.0, prior=240.0))
+    assert "prior lowers the" in lower and "240.00 vs 300.00 (-20%)" in lower
+    higher = D.distance_sentence(_dist(uncond=300.0, prior=330.0))
+    assert "does not lower" in higher and "330.00 vs 300.00 (+10%)" in higher
+    # the caveat appears only when every generated set is far from the real floor
+    assert "farther from" in higher
+    assert "farther from" not in D.distance_sentence(_dist(40.0, 30.0, recon=35.0, real=10.0))
+
+
+def _attrs(kind_acc, colour_acc):
+    c = {"either": 0.6, "chance_either": 0.4, "parent_a": 0.3, "parent_b": 0.3}
+    return {"text": {"accuracy": {"kind": kind_acc, "colour": colour_acc},
+                     "chance": {"kind": 0.2, "colour": 0.125}, "kind+colour": 0.1,
+                     "kind+colour_chance": 0.025},
+            "compose": {"kind": c, "colour": c}}
+
+
+def test_attribute_sentence_verdicts_follow_the_numbers():
+    text = D.attribute_sentence(_attrs(kind_acc=0.5, colour_acc=0.1))
+    assert "kind 0.50 (chance 0.20, above)" in text
+    assert "colour 0.10 (chance 0.12, not above)" in text
+    flipped = D.attribute_sentence(_attrs(kind_acc=0.1, colour_acc=0.9))
+    assert "kind 0.10 (chance 0.20, not above)" in flipped and "colour 0.90 (chance 0.12, above)" in flipped

@@ -32,6 +32,9 @@ def test_grama_smoke_logs_health_and_resets(tmp_path, subprocess_env):
         assert len(rows[-1]["critic/grama/all"]) == 2  # one value per seed
         assert all(0.0 <= f <= 1.0 for f in fractions if np.isfinite(f))
         assert np.isfinite(rows[-1]["eval_return"]).all()
+    for rows in (none, regrama, td3_none, td3_regrama):  # the critics learn, every seed
+        first, last = np.asarray(rows[0]["critic_loss"]), np.asarray(rows[-1]["critic_loss"])
+        assert np.all(last < 0.5 * first), (first, last)
     for off, on in ((none, regrama), (td3_none, td3_regrama)):
         assert sum(sum(r["reset_neurons"]) for r in off) == 0
         assert sum(sum(r["reset_neurons"]) for r in on) > 0
