@@ -198,5 +198,13 @@ def test_monte_carlo_agrees_with_exact_moments():
 def test_table_lists_every_configuration():
     with jax.enable_x64(True):
         text = O.table()
-    assert len(text.splitlines()) == 2 + 3 * 3 * 3
-    assert "| k1 | reward | sum | " in text
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 * 3 * 3
+    seen = set()
+    for line in lines[2:]:
+        est, placement, norm, bias, cos, var = [c.strip() for c in line.strip("|").split("|")]
+        seen.add((est, placement, norm))
+        assert float(bias) >= 0 and float(var) >= 0
+        assert cos.startswith("n/a") or -1.0 - 1e-9 <= float(cos) <= 1.0 + 1e-9
+    assert seen == {(e, p, n) for e in ("k1", "k2", "k3") for p in ("reward", "loss", "both")
+                    for n in ("sum", "seq_mean", "token_mean")}
