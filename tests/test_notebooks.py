@@ -21,6 +21,22 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks found in {REPO / 'notebooks'}"
 
 
+# Registered experiments that are not methods (lm_pretrain trains the LLM methods' base model;
+# quickstart has its own notebook), and methods whose notebook is still owed (visible debt:
+# remove a name when its notebook lands).
+NOT_METHODS = {"lm_pretrain"}
+NOTEBOOK_OWED = {"dlc"}
+
+
+def test_every_method_has_a_notebook_of_its_name():
+    from experiments.registry import REGISTRY
+
+    names = {p.stem for p in NOTEBOOKS}
+    missing = sorted(set(REGISTRY) - NOT_METHODS - NOTEBOOK_OWED - names)
+    assert not missing, f"registered experiments without notebooks/<name>.ipynb: {missing}"
+    assert not (NOTEBOOK_OWED & names), "a notebook landed: drop its name from NOTEBOOK_OWED"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
