@@ -20,10 +20,8 @@ each configuration is in docs/kl_estimators.md (``python -m llm_rl.kl.oracle``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -153,8 +151,56 @@ def _settings(cfg: KLEstimatorsConfig, name: str, seed: int):
                       seed=seed)
 
 
-def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
+#: RNG stream of the evaluation draw, ``default_rng([seed, EVAL_STREAM])``; RL prompts of step
+#: ``s`` come from ``default_rng([seed, s])`` (llm_rl.rl.sample_problems), so no step reaches it.
+#: (It was 99 once: the first eval problems were iteration 99's training batch.)
+EVAL_STREAM = 1_000_000_007
+
+
+def training_prompts(cfg: KLEstimatorsConfig, seeds: int) -> set[str]:
+    """Every prompt the run trains on: the RL prompts of every seed and iteration, and the
+    pretraining problems when this run pretrains its base model (``base.model_dir`` unset;
+    a given model directory's pretraining data is not known here)."""
+    from llm_rl.rl import sample_problems
+
+    prompts: set[str] = set()
+    for seed_index in range(seeds):
+        settings = _settings(cfg, cfg.grid.configs[0], cfg.seed + seed_index)
+        for step in range(cfg.rl.iterations):
+            prompts.update(p.prompt for p in sample_problems(settings, step))
+    if not cfg.base.model_dir:
+        train, held_out = lm_pretrain.pretrain_problems(cfg.base.pretrain)
+        prompts.update(p.prompt for p in train + held_out)
+    return prompts
+
+
+def evaluation_problems(cfg: KLEstimatorsConfig, seeds: int) -> tuple[list, list]:
+    """(in-domain, out-of-domain) evaluation problems: distinct prompts, none of them a
+    training prompt (:func:`training_prompts`), drawn from their own RNG stream."""
     from llm_rl import tasks
+
+    r = cfg.rl
+    exclude = training_prompts(cfg, seeds)
+    rng = np.random.default_rng([cfg.seed, EVAL_STREAM])
+
+    def draw(what, **kw):
+        out: list = []
+        for _ in range(200 * r.eval_problems):
+            p = tasks.arithmetic_problem(rng, max_value=r.max_value, **kw)
+            if p.prompt not in exclude:
+                exclude.add(p.prompt)
+                out.append(p)
+                if len(out) == r.eval_problems:
+                    return out
+        raise UserError(f"rl.eval_problems={r.eval_problems}: found only {len(out)} {what} "
+                        "problems whose prompts are not training prompts; lower it or raise "
+                        "rl.max_value")
+
+    return (draw("in-domain", max_ops=r.max_ops),
+            draw("out-of-domain", min_ops=r.ood_max_ops, max_ops=r.ood_max_ops))
+
+
+def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     from llm_rl.models import from_pretrained
     from llm_rl.rl import greedy_accuracy, init_state, make_iteration
     from llm_rl.tokenization import load_tokenizer
@@ -164,11 +210,7 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     tokenizer = load_tokenizer(model_dir)
     graphdef, ref_params = nnx.split(ref_model, nnx.Param)
     r = cfg.rl
-    eval_rng = np.random.default_rng([cfg.seed, 99])
-    in_domain = [tasks.arithmetic_problem(eval_rng, max_ops=r.max_ops, max_value=r.max_value)
-                 for _ in range(r.eval_problems)]
-    ood = [tasks.arithmetic_problem(eval_rng, min_ops=r.ood_max_ops, max_ops=r.ood_max_ops,
-                                    max_value=r.max_value) for _ in range(r.eval_problems)]
+    in_domain, ood = evaluation_problems(cfg, ctx.seeds)
     ood_tokens = r.max_new_tokens + 16 * max(r.ood_max_ops - r.max_ops, 0)  # longer worked solutions
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
 

@@ -124,9 +124,10 @@ def model_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
         raise UserError(f"model: {err}") from None
 
 
-def build_data(cfg: LMPretrainConfig, tokenizer):
+def pretrain_problems(cfg: LMPretrainConfig):
+    """(training problems, held-out problems) of the pretraining data, as :func:`build_data`
+    uses them (also what the RL experiments deduplicate their evaluation sets against)."""
     from llm_rl import tasks
-    from llm_rl.tokenization import encode_sequences
 
     d = cfg.data
 
@@ -139,8 +140,14 @@ def build_data(cfg: LMPretrainConfig, tokenizer):
             out += tasks.make_problems(task, count, seed * 1000 + i, **kw)
         return out
 
-    train = problems(d.num_train, cfg.seed)
-    held_out = problems(d.num_eval, cfg.seed + 7919)
+    return problems(d.num_train, cfg.seed), problems(d.num_eval, cfg.seed + 7919)
+
+
+def build_data(cfg: LMPretrainConfig, tokenizer):
+    from llm_rl.tokenization import encode_sequences
+
+    d = cfg.data
+    train, held_out = pretrain_problems(cfg)
     batch = encode_sequences(tokenizer, [p.prompt for p in train], [p.solution for p in train],
                              max_length=d.seq_len)
     if d.loss_on == "all":
