@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import chex
 import jax
@@ -217,8 +217,9 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
                                batch_size: int = 128, learning_rate: float = 2e-3,
                                weight_decay: float = 1e-4, feature_dim: int = 128,
                                widths: Sequence[int] = (32, 64, 128), convs_per_stage: int = 1,
-                               dihedral_augment: bool = True, progress: bool = True
-                               ) -> AttributeClassifier:
+                               dihedral_augment: bool = True, progress: bool = True,
+                               build: Callable[[Mapping[str, int], nnx.Rngs], nnx.Module]
+                               | None = None) -> AttributeClassifier:
     """Train an :class:`AttributeCNN` with AdamW (cosine decay) on ``images`` (float in [-1, 1]
     or uint8, ``[N, 32, 32, 3]``) and integer ``labels`` (``{head: [N]}``).
 
@@ -226,7 +227,9 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     ``max(label) + 1`` for any other head. ``dihedral_augment`` applies a random element of
     the square's symmetry group (flips and 90-degree rotations) to each training image: every
     shapes attribute is invariant to it (rotation and position are uniform), turn it off for
-    labels that are not (digits 6/9)."""
+    labels that are not (digits 6/9). ``build(num_classes, rngs)`` trains another model with
+    the same interface instead (``images -> (features [B, F], {head: logits})``, e.g. the
+    pixel MLP of :mod:`generative.attribute_models`); the CNN settings are then unused."""
     images = jnp.asarray(_as_float_images(images))
     n = images.shape[0]
     if not labels:
@@ -244,8 +247,11 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     if steps < 1:
         raise ValueError(f"steps={steps}; must be >= 1")
     k_init, k_train = jax.random.split(key)
-    model = AttributeCNN(num_classes, feature_dim=feature_dim, widths=widths,
-                         convs_per_stage=convs_per_stage, rngs=nnx.Rngs(params=k_init))
+    if build is not None:
+        model = build(num_classes, nnx.Rngs(params=k_init))
+    else:
+        model = AttributeCNN(num_classes, feature_dim=feature_dim, widths=widths,
+                             convs_per_stage=convs_per_stage, rngs=nnx.Rngs(params=k_init))
     graphdef, params = nnx.split(model, nnx.Param)
     warmup = min(100, steps // 10 + 1)
     # optax needs decay_steps > warmup_steps (steps=1 would otherwise raise inside optax)
