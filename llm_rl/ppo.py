@@ -298,4 +298,5 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
             rows.append(jax.device_get(metrics))
         return state, {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
+    iterate.update = update  # the jitted update alone (benchmarks, tests)
     return iterate
