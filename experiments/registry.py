@@ -54,6 +54,10 @@ REGISTRY: dict[str, Entry] = {
     "asyppo": Entry("experiments.asyppo", "llm",
                     "AsyPPO: mini-critic ensembles that mask advantages and filter entropy by "
                     "their disagreement, vs PPO and GRPO (arXiv 2510.01656)"),
+    "stable_gradients": Entry("experiments.stable_gradients", "rl",
+                              "stable gradients at scale: multi-skip residual MLP + LayerNorm + "
+                              "Kron (PSGD) vs plain MLP, PQN return vs network size on MinAtar "
+                              "and a non-stationary supervised control (arXiv 2506.15544)"),
 }
 
 

@@ -10,6 +10,11 @@ References
   Reinforcement Learning", arXiv 2302.12902, Definition 3.1.
 * GraMa / ReGraMa: Liu, Wu, Obando-Ceron, Castro, Courville, Pan (2025), "Measure gradients, not
   activations! Enhancing neuronal activity in deep reinforcement learning", arXiv 2505.24061.
+* Gradient flow (per-layer gradient norms, cosine of consecutive gradients) and curvature
+  (Hutchinson trace, power-iteration top eigenvalue of the loss Hessian): Castanyer, Obando-Ceron,
+  Li, Bacon, Berseth, Courville, Castro (2025), "Stable Gradients for Stable Learning at Scale
+  in Deep Reinforcement Learning", arXiv 2506.15544; Hutchinson (1990), "A stochastic estimator
+  of the trace of the influence matrix for Laplacian smoothing splines".
 * srank: Kumar, Agarwal, Ghosh, Levine (2021), "Implicit Under-Parameterization Inhibits
   Data-Efficient Deep Reinforcement Learning", arXiv 2010.14498 (the srank definition).
 """
@@ -206,7 +211,97 @@ def health_report(graphdef: nnx.GraphDef, params: Any, x: jax.Array, grads: Any,
     return out
 
 
+# --- gradient-flow and curvature diagnostics (Castanyer et al. 2025) ------------------------
+
+
+def _groups(tree: Any) -> dict[str, list[jax.Array]]:
+    groups: dict[str, list[jax.Array]] = {}
+    for path, leaf in leaf_paths(tree).items():
+        groups.setdefault(path_name(path[:-1]), []).append(leaf)
+    return groups
+
+
+def layer_cosines(a: Any, b: Any) -> dict[str, jax.Array]:
+    """Per-layer cosine between two gradient pytrees of one structure (consecutive updates'
+    gradients in Castanyer et al. 2025, Sec. 3, "gradient direction" analysis)::
+
+        cos_l = <a_l, b_l> / (||a_l|| ||b_l||)
+
+    where ``a_l`` concatenates the leaves of module ``l`` (grouped like :func:`layer_norms`:
+    kernel and bias of one Dense). 0 when either is 0. Values near 1: the layer keeps being
+    pushed the same way; near 0 or negative: its updates are noise or oscillate."""
+    ga, gb = _groups(a), _groups(b)
+    chex.assert_equal(sorted(ga), sorted(gb))
+    out = {}
+    for name in ga:
+        dot = sum(jnp.vdot(x, y) for x, y in zip(ga[name], gb[name]))
+        na, nb = optax.global_norm(ga[name]), optax.global_norm(gb[name])
+        denom = na * nb
+        out[name] = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return out
+
+
+def hvp(loss_fn: Any, params: Any, v: Any) -> Any:
+    """Hessian-vector product ``H v`` of ``loss_fn`` at ``params`` (forward-over-reverse)."""
+    return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
+
+
+def _tree_vdot(a: Any, b: Any) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def hutchinson_trace(loss_fn: Any, params: Any, key: jax.Array, num_samples: int = 8) -> jax.Array:
+    """Hutchinson's estimator of ``tr(H)`` (Hutchinson 1990; as used for the TD/PPO loss in
+    Castanyer et al. 2025)::
+
+        tr(H) ~= (1/S) sum_s v_s^T H v_s,    v_s with i.i.d. Rademacher (+-1) entries
+
+    Unbiased, since ``E[v v^T] = I``; exact for every sample when ``H`` is diagonal."""
+    leaves, treedef = jax.tree.flatten(params)
+
+    def one(k):
+        ks = jax.random.split(k, len(leaves))
+        v = treedef.unflatten([jax.random.rademacher(kk, x.shape, x.dtype)
+                               for kk, x in zip(ks, leaves)])
+        return _tree_vdot(v, hvp(loss_fn, params, v))
+
+    return jnp.mean(jax.lax.map(one, jax.random.split(key, num_samples)))
+
+
+def hessian_top_eigenvalue(loss_fn: Any, params: Any, key: jax.Array,
+                           num_iters: int = 20) -> jax.Array:
+    """Largest-magnitude eigenvalue of the loss Hessian by power iteration (as PyHessian)::
+
+        v_0 ~ N(0, I) / ||.||,   v_{k+1} = H v_k / ||H v_k||,   lambda = v_K^T H v_K
+
+    Converges to the eigenvalue of largest ``|lambda|`` (sign kept) at rate ``|l2/l1|``."""
+    leaves, treedef = jax.tree.flatten(params)
+    ks = jax.random.split(key, len(leaves))
+    v = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(ks, leaves)])
+
+    def normalise(t):
+        n = optax.global_norm(t)
+        return jax.tree.map(lambda x: x / jnp.where(n > 0, n, 1.0), t)
+
+    def body(v, _):
+        return normalise(hvp(loss_fn, params, v)), None
+
+    v, _ = jax.lax.scan(body, normalise(v), None, length=num_iters)
+    return _tree_vdot(v, hvp(loss_fn, params, v))
+
+
+def gradient_flow(grads: Any, prev_grads: Any | None = None) -> dict[str, jax.Array]:
+    """``grad/norm/<layer>`` (:func:`layer_norms`) and, given the previous update's gradients,
+    ``grad/cos/<layer>`` (:func:`layer_cosines`): the per-layer gradient diagnostics of
+    Castanyer et al. (2025), as a flat dict of scalars for in-jit logging."""
+    out = {f"grad/norm/{k}": v for k, v in layer_norms(grads).items()}
+    if prev_grads is not None:
+        out.update({f"grad/cos/{k}": v for k, v in layer_cosines(prev_grads, grads).items()})
+    return out
+
+
 __all__ = [
+    "layer_cosines", "hvp", "hutchinson_trace", "hessian_top_eigenvalue", "gradient_flow",
     "tau_dormant_scores", "grama_scores", "dormant_mask", "inactive_fraction", "srank",
     "layer_norms", "redo_scores", "grama_layer_scores", "layer_health", "health_report",
 ]

@@ -18,6 +18,20 @@ Three kinds, one frozen :class:`NetworkConfig` (``kind``, ``depth``, ``width``, 
     through one addition, so the gradient reaches the encoder from every block directly).
     *Decision*: block 0 gets ``e`` once, not ``2 e``; the stream itself is the plain residual sum.
 
+``multiskip_paper`` (the multi-skip residual MLP exactly as in Castanyer et al. 2025, Sec. 4 /
+Fig. 3, and their code ``src/models/mlp.py`` ``MultiSkipResidualMLP``)
+    ``h_0 = LN(W_in x + b_in)`` (no activation), global skip ``g = h_0``, stream ``z_0 = h_0``;
+    block ``l``: ``a_l = act(LN(W_0 act(z_l) + b_0))`` (pre-activation, the block's inner
+    neurons), ``F(z_l) = LN(W_1 a_l + b_1)``, ``z_{l+1} = z_l + F(z_l) + g``; linear head
+    ``y = W_head z_depth + b``. Every block adds the encoder output to its *output*, so the
+    gradient of the loss reaches ``W_in`` through ``depth + 1`` one-addition paths. Same module
+    paths and :meth:`neuron_layers` as ``residual`` (``encoder``, ``blocks/<l>/inner``,
+    ``blocks/<l>/out``); the ``encoder`` activations are ``h_0``.
+    *Decision*: ``multiskip`` above stays as it was (an earlier variant that adds the encoder
+    features to each later block's *input* and uses post-activation blocks); this kind is not
+    in ``KINDS`` (whose members share one forward-equation oracle in the tests) but in
+    ``ALL_KINDS``, the config's choices.
+
 ``LN`` is LayerNorm when ``layer_norm`` is set and the identity otherwise; ``depth`` counts
 hidden layers for ``mlp`` and residual blocks for the other two. Parameters carry no logical-axis
 metadata yet, so ``trainkit.sharding.param_shardings`` replicates them (fine at RL widths).
@@ -81,13 +95,18 @@ KERNEL_INITS: dict[str, Initializer] = {
 }
 
 KINDS = ("mlp", "residual", "multiskip")
+ALL_KINDS = KINDS + ("multiskip_paper",)
+
+# Castanyer et al. (2025) network sizes: (width, residual blocks).
+SG_SIZES = {"small": (512, 1), "medium": (1536, 3), "large": (2560, 5)}
 
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig(Config):
-    kind: str = field("mlp", choices=KINDS,
+    kind: str = field("mlp", choices=ALL_KINDS,
                       help="mlp | residual (BRO-style blocks) | multiskip (residual + encoder "
-                           "features added to every block's input)")
+                           "features added to every block's input) | multiskip_paper "
+                           "(Castanyer et al. 2025: pre-activation blocks, z <- z + F(z) + h0)")
     depth: int = field(2, ge=1, help="hidden layers (mlp) or residual blocks (residual, multiskip)")
     width: int = field(256, ge=1, help="hidden width (also the residual stream width)")
     layer_norm: bool = field(False, help="LayerNorm on every hidden Dense's outputs (before the "
@@ -115,6 +134,19 @@ class NetworkConfig(Config):
     def multiskip_deep(cls) -> "NetworkConfig":
         """A deep multi-skip residual net of the kind scaled in Castanyer et al. (2025)."""
         return cls(kind="multiskip", depth=8, width=512, layer_norm=True, activation="relu")
+
+
+    @classmethod
+    def stable_gradients(cls, size: str = "small", kind: str = "multiskip_paper",
+                         layer_norm: bool = True, activation: str = "relu",
+                         kernel_init: str = "orthogonal") -> "NetworkConfig":
+        """The paper's sizes (Castanyer et al. 2025): ``small`` 512 wide / 1 block, ``medium``
+        1536 / 3, ``large`` 2560 / 5 (for ``kind="mlp"``: ``depth`` hidden layers)."""
+        if size not in SG_SIZES:
+            raise ValueError(f"size={size!r}: must be one of {', '.join(SG_SIZES)}")
+        width, depth = SG_SIZES[size]
+        return cls(kind=kind, depth=depth, width=width, layer_norm=layer_norm,
+                   activation=activation, kernel_init=kernel_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +340,25 @@ class ResidualMLP(Network):
         return tuple(layers)
 
 
+class MultiSkipResidualMLP(ResidualMLP):
+    """``kind="multiskip_paper"``: see the module docstring (Castanyer et al. 2025)."""
+
+    def __call__(self, x: jax.Array, return_activations: bool = False):
+        acts = {}
+        g = self.encoder(x)  # h_0 = LN(W_in x + b): no activation
+        acts["encoder"] = g
+        z = g
+        for i, block in enumerate(self.blocks):
+            a = self._act(block.inner(self._act(z)))
+            r = block.out(a)
+            acts[f"blocks/{i}/inner"] = a
+            acts[f"blocks/{i}/out"] = r
+            z = z + r + g
+        acts["features"] = z
+        out = self.head(z)
+        return (out, acts) if return_activations else out
+
+
 def make_network(config: NetworkConfig, in_dim: int, out_dim: int, rngs: nnx.Rngs) -> Network:
     """The network ``config`` describes, mapping ``[..., in_dim]`` to ``[..., out_dim]``.
 
@@ -316,4 +367,6 @@ def make_network(config: NetworkConfig, in_dim: int, out_dim: int, rngs: nnx.Rng
     ``model.neuron_layers()`` says where each layer's neurons live in the params pytree."""
     if config.kind == "mlp":
         return MLP(config, in_dim, out_dim, rngs=rngs)
+    if config.kind == "multiskip_paper":
+        return MultiSkipResidualMLP(config, in_dim, out_dim, rngs=rngs)
     return ResidualMLP(config, in_dim, out_dim, rngs=rngs)

@@ -35,6 +35,7 @@ from jaxrl_suite.agents.evaluation import episode_metrics
 from jaxrl_suite.agents.pqn import epsilon_greedy, linear_epsilon
 from jaxrl_suite.envs.core import Env, EnvState
 from jaxrl_suite.networks import NetworkConfig, make_network
+from jaxrl_suite.optim import KronConfig, make_optimizer
 from trainkit.config import Config, field
 from trainkit.guards import GuardState, guarded_update, init_guard
 
@@ -63,6 +64,9 @@ class DQNConfig(Config):
     loss: str = field("mse", choices=("mse", "huber"), help="TD loss (huber: delta 1)")
     double_dqn: bool = field(False, help="double DQN target: online argmax, target value")
     network: NetworkConfig = field(factory=_dqn_net)
+    optimizer: str = field("adam", choices=("adam", "radam", "kron"),
+                           help="adam | radam | kron (PSGD Kron, jaxrl_suite.optim)")
+    kron: KronConfig = field(factory=KronConfig, help="Kron settings (optimizer=kron)")
     guard_nonfinite: bool = field(True)
     health_every: int = field(0, ge=0, help="neuron-health metrics every N updates (0 = off)")
     tau_dormant: float = field(0.1, ge=0)
@@ -184,7 +188,8 @@ def make_agent(config: DQNConfig, env: Env) -> DQNAgent:
         return nnx.split(model, nnx.Param)
 
     graphdef, _ = build(jax.random.key(0))
-    optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.adam(c.lr))
+    optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm),
+                            make_optimizer(c.optimizer, c.lr, kron_config=c.kron))
 
     def q_fn(params, obs):
         return nnx.merge(graphdef, params)(obs)

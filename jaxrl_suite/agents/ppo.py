@@ -48,7 +48,11 @@ Decisions (as in PureJaxRL ``ppo.py`` / ``ppo_continuous_action.py`` and CleanRL
   parameters; other rows hold NaN (not measured).
   Measured at in-chunk update indices ``i`` with ``(i + 1) % health_every == 0``: with chunk
   starts at multiples of ``health_every`` (trainkit aligns chunks to multiples of its
-  ``chunk_size``), these are the global updates whose count is a multiple of ``health_every``.
+  ``chunk_size``), these are the global updates whose count is a multiple of ``health_every``;
+* stable-gradients options (Castanyer et al. 2025, issue 18): ``optimizer`` (Adam, RAdam or
+  PSGD Kron from :mod:`jaxrl_suite.optim`), ``grad_diagnostics`` (per-layer gradient norms
+  and consecutive-minibatch gradient cosines, in-jit, every update) and ``hessian_samples``
+  (PPO-loss Hessian trace and top eigenvalue in the health report).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from jaxrl_suite.agents.evaluation import episode_metrics
 from jaxrl_suite.envs import normalization
 from jaxrl_suite.envs.core import Env, EnvState
 from jaxrl_suite.networks import NetworkConfig, make_network, map_leaves_at
+from jaxrl_suite.optim import KronConfig, make_optimizer
 from trainkit.config import Config, field
 from trainkit.guards import GuardState, all_finite, init_guard
 
@@ -97,6 +102,16 @@ class PPOConfig(Config):
     vf_coef: float = field(0.5, ge=0)
     norm_adv: bool = field(True, help="normalise advantages per minibatch")
     network: NetworkConfig = field(factory=_ppo_net, help="actor and critic architecture")
+    optimizer: str = field("adam", choices=("adam", "radam", "kron"),
+                           help="adam (eps adam_eps) | radam | kron (PSGD Kron, "
+                                "jaxrl_suite.optim)")
+    kron: KronConfig = field(factory=KronConfig, help="Kron settings (optimizer=kron)")
+    grad_diagnostics: bool = field(False, help="log per-layer gradient norms grad/norm/<layer> "
+                                               "and the cosine of consecutive minibatch "
+                                               "gradients grad/cos/<layer> (update means)")
+    hessian_samples: int = field(0, ge=0, help="with health_every: Hutchinson probes and power "
+                                               "iterations for the PPO-loss Hessian trace and "
+                                               "top eigenvalue (0 = off)")
     ppo_init: bool = field(True, help="orthogonal gains sqrt(2) / 0.01 (policy) / 1 (value); "
                                       "needs network.kernel_init='orthogonal'")
     init_log_std: float = field(0.0, help="initial log standard deviation (continuous actions)")
@@ -341,7 +356,8 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
     else:
         lr = c.lr
     optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm),
-                            optax.adam(learning_rate=lr, eps=c.adam_eps))
+                            make_optimizer(c.optimizer, lr, kron_config=c.kron,
+                                           adam_eps=c.adam_eps))
 
     def actor_out(params, obs):
         return nnx.merge(actor_gd, params["actor"])(obs)
@@ -413,6 +429,13 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
             rep = health.health_report(gd, params[name], sub.obs, grads[name],
                                        tau_dormant=c.tau_dormant, tau_grama=c.tau_grama)
             out.update({f"health/{name}/{k}": v.astype(jnp.float32) for k, v in rep.items()})
+        if c.hessian_samples:
+            k_tr, k_eig = jax.random.split(jax.random.fold_in(key, 7))
+            ppo_loss = lambda p: loss_fn(p, sub)[0]
+            out["health/hessian_trace"] = health.hutchinson_trace(ppo_loss, params, k_tr,
+                                                                  c.hessian_samples)
+            out["health/hessian_top_eig"] = health.hessian_top_eigenvalue(
+                ppo_loss, params, k_eig, c.hessian_samples)
         return out
 
     def update(state: PPOState, do_health: jax.Array):
@@ -443,19 +466,24 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
         batch = jax.tree.map(lambda x: x.reshape((B,) + x.shape[2:]), batch)
 
         def minibatch_step(carry, mb):
-            params, opt_state = carry
+            params, opt_state, prev = carry
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            if c.grad_diagnostics:
+                aux = {**aux, **_gradient_flow(grads, prev)}
+                prev = (grads, jnp.ones((), bool))
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), aux
+            return (optax.apply_updates(params, updates), opt_state, prev), aux
 
         def epoch(carry, k):
             perm = jax.random.permutation(k, B)
             mbs = jax.tree.map(lambda x: x[perm].reshape((M, B // M) + x.shape[1:]), batch)
             return jax.lax.scan(minibatch_step, carry, mbs)
 
-        (params, opt_state), aux = jax.lax.scan(
-            epoch, (params, state.opt_state), jax.random.split(k_epochs, c.update_epochs))
-        metrics = jax.tree.map(jnp.mean, aux)
+        prev0 = ((jax.tree.map(jnp.zeros_like, params), jnp.zeros((), bool))
+                 if c.grad_diagnostics else None)
+        (params, opt_state, _), aux = jax.lax.scan(
+            epoch, (params, state.opt_state, prev0), jax.random.split(k_epochs, c.update_epochs))
+        metrics = _update_means(aux)
         guard = state.guard
         if c.guard_nonfinite:
             params, opt_state, guard, metrics["skipped"] = _guard_update(
@@ -497,6 +525,21 @@ class _Batch:
     value: jax.Array
     advantages: jax.Array
     returns: jax.Array
+
+
+def _update_means(aux):
+    """Means over the update's minibatches; ``grad/cos/*`` skips its NaN first entry."""
+    return {k: (jnp.nanmean(v) if k.startswith("grad/cos/") else jnp.mean(v))
+            for k, v in aux.items()}
+
+
+def _gradient_flow(grads, prev):
+    """Per-layer gradient norms and the cosine with the previous minibatch's gradients (NaN for
+    the first minibatch of an update, left out of the update's mean)."""
+    prev_grads, have_prev = prev
+    out = health.gradient_flow(grads, prev_grads)
+    return {k: (jnp.where(have_prev, v, jnp.nan) if k.startswith("grad/cos/") else v)
+            for k, v in out.items()}
 
 
 def _guard_update(params, opt_state, old_params, old_opt_state, losses, guard: GuardState):

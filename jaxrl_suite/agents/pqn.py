@@ -16,6 +16,13 @@ Flax's default LeCun-normal init, as purejaxql's ``QNetwork``), without purejaxq
 BatchNorm on the input. Truncated episodes bootstrap from ``max_a Q(final_obs, a)``; purejaxql
 treats every ``done`` as terminal (:func:`q_lambda_returns` equals its recursion when nothing
 is truncated; the tests check both). Health metrics as in PPO (``health_every``).
+
+Stable-gradients options (Castanyer et al. 2025, issue 18): ``optimizer`` picks RAdam (default),
+Adam or PSGD Kron (:mod:`jaxrl_suite.optim`); ``network.kind="multiskip_paper"`` the multi-skip
+residual MLP; ``grad_diagnostics`` logs per-layer gradient norms ``grad/norm/<layer>`` and the
+cosine of consecutive minibatch gradients ``grad/cos/<layer>`` every update (in-jit);
+``hessian_samples`` adds the TD-loss Hessian trace (Hutchinson) and top eigenvalue (power
+iteration) to the health report.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from jaxrl_suite import health
 from jaxrl_suite.agents.evaluation import episode_metrics
 from jaxrl_suite.envs.core import Env, EnvState
 from jaxrl_suite.networks import NetworkConfig, make_network
+from jaxrl_suite.optim import KronConfig, make_optimizer
 from trainkit.config import Config, field
 from trainkit.guards import GuardState, all_finite, init_guard
 
@@ -60,6 +68,16 @@ class PQNConfig(Config):
     gamma: float = field(0.99, ge=0, le=1)
     q_lambda: float = field(0.95, ge=0, le=1)
     network: NetworkConfig = field(factory=_pqn_net)
+    optimizer: str = field("radam", choices=("radam", "adam", "kron"),
+                           help="radam (purejaxql) | adam | kron (PSGD Kron, jaxrl_suite.optim; "
+                                "Castanyer et al. 2025 use lr / 3 with it)")
+    kron: KronConfig = field(factory=KronConfig, help="Kron settings (optimizer=kron)")
+    grad_diagnostics: bool = field(False, help="log per-layer gradient norms grad/norm/<layer> "
+                                               "and the cosine of consecutive minibatch "
+                                               "gradients grad/cos/<layer> (update means)")
+    hessian_samples: int = field(0, ge=0, help="with health_every: Hutchinson probes and power "
+                                               "iterations for the TD-loss Hessian trace and top "
+                                               "eigenvalue (0 = off)")
     guard_nonfinite: bool = field(True, help="skip an update whose losses or new parameters "
                                              "are non-finite")
     health_every: int = field(0, ge=0, help="neuron-health metrics every N updates (0 = off)")
@@ -210,7 +228,8 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
     graphdef, _ = build(jax.random.key(0))
     lr = (optax.linear_schedule(c.lr, 1e-20, num_updates * M * c.num_epochs)
           if c.lr_linear_decay else c.lr)
-    optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.radam(lr))
+    optimizer = optax.chain(optax.clip_by_global_norm(c.max_grad_norm),
+                            make_optimizer(c.optimizer, lr, kron_config=c.kron))
 
     def q_fn(params, obs):
         return nnx.merge(graphdef, params)(obs)
@@ -246,6 +265,12 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
         grads = jax.grad(lambda p: loss_fn(p, sub)[0])(params)
         rep = health.health_report(graphdef, params, sub.obs, grads, tau_dormant=c.tau_dormant,
                                    tau_grama=c.tau_grama)
+        if c.hessian_samples:
+            k_tr, k_eig = jax.random.split(jax.random.fold_in(key, 7))
+            td = lambda p: loss_fn(p, sub)[0]
+            rep["hessian_trace"] = health.hutchinson_trace(td, params, k_tr, c.hessian_samples)
+            rep["hessian_top_eig"] = health.hessian_top_eigenvalue(td, params, k_eig,
+                                                                   c.hessian_samples)
         return {f"health/q/{k}": v.astype(jnp.float32) for k, v in rep.items()}
 
     def update(state: PQNState, do_health: jax.Array):
@@ -268,19 +293,24 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
                              _Batch(obs=obs, action=action, target=target))
 
         def minibatch_step(carry, mb):
-            params, opt_state = carry
+            params, opt_state, prev = carry
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            if c.grad_diagnostics:
+                aux = {**aux, **_gradient_flow(grads, prev)}
+                prev = (grads, jnp.ones((), bool))
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), aux
+            return (optax.apply_updates(params, updates), opt_state, prev), aux
 
         def epoch(carry, k):
             perm = jax.random.permutation(k, B)
             mbs = jax.tree.map(lambda x: x[perm].reshape((M, B // M) + x.shape[1:]), batch)
             return jax.lax.scan(minibatch_step, carry, mbs)
 
-        (params, opt_state), aux = jax.lax.scan(
-            epoch, (params, state.opt_state), jax.random.split(k_epochs, c.num_epochs))
-        metrics = jax.tree.map(jnp.mean, aux)
+        prev0 = ((jax.tree.map(jnp.zeros_like, params), jnp.zeros((), bool))
+                 if c.grad_diagnostics else None)
+        (params, opt_state, _), aux = jax.lax.scan(
+            epoch, (params, state.opt_state, prev0), jax.random.split(k_epochs, c.num_epochs))
+        metrics = _update_means(aux)
         guard = state.guard
         if c.guard_nonfinite:
             params, opt_state, guard, metrics["skipped"] = _guard_update(
@@ -307,6 +337,21 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
 
     return PQNAgent(config=c, env=env, graphdef=graphdef, optimizer=optimizer, init=init,
                     train_chunk=train_chunk, train=train, policy=policy, init_params=init_params)
+
+
+def _update_means(aux):
+    """Means over the update's minibatches; ``grad/cos/*`` skips its NaN first entry."""
+    return {k: (jnp.nanmean(v) if k.startswith("grad/cos/") else jnp.mean(v))
+            for k, v in aux.items()}
+
+
+def _gradient_flow(grads, prev):
+    """Per-layer gradient norms and the cosine with the previous minibatch's gradients (NaN for
+    the first minibatch of an update, left out of the update's mean)."""
+    prev_grads, have_prev = prev
+    out = health.gradient_flow(grads, prev_grads)
+    return {k: (jnp.where(have_prev, v, jnp.nan) if k.startswith("grad/cos/") else v)
+            for k, v in out.items()}
 
 
 def _guard_update(params, opt_state, old_params, old_opt_state, losses, guard: GuardState):

@@ -1,0 +1,469 @@
+"""stable_gradients: do larger RL networks keep learning with multi-skip residuals, LayerNorm and
+Kron? ("Stable Gradients for Stable Learning at Scale in Deep Reinforcement Learning",
+Castanyer et al. 2025, arXiv 2506.15544; official code roger-creus/stable-deep-rl-at-scale.)
+
+Two parts, each a set of sub-runs with the seeds vmapped inside one program:
+
+1. **RL**: PQN (:mod:`jaxrl_suite.agents.pqn`; the paper's main agent: lr 2.5e-4, Q(lambda)
+   0.65, RAdam) on a MinAtar task (gymnax), for every network size ``(width, blocks)`` and every
+   variant:
+
+   * ``mlp``: plain ReLU MLP with ``2 * blocks + 1`` hidden layers (the multi-skip net's
+     number of hidden Dense layers), no LayerNorm, RAdam;
+   * ``multiskip``: the paper's multi-skip residual MLP (``kind="multiskip_paper"``:
+     ``h0 = LN(W_in x)``, ``z <- z + LN(W1 act(LN(W0 act(z)))) + h0``) with LayerNorm, RAdam;
+   * ``multiskip_kron``: the same with PSGD Kron (:mod:`jaxrl_suite.optim`) at ``lr / 3``
+     (the paper's rule).
+
+   Sub-runs ``configs/rl--<variant>--w<width>-b<blocks>/`` log the training return, per-layer
+   gradient norms and consecutive-gradient cosines (every update, in-jit), and the health
+   report (dormant fraction, srank, Hutchinson trace and top eigenvalue of the TD loss).
+
+2. **Supervised non-stationary control** (the paper's Sec. 3 motivation): a deep network
+   (``control_width``, ``control_blocks``) memorises random labels of ``control_samples``
+   digits (the 8x8 images scikit-learn ships); every ``control_steps`` steps the labels are
+   redrawn. Loss of plasticity shows as a rising end-of-phase training loss (falling accuracy)
+   from phase to phase; sub-runs ``configs/control--<variant>/``.
+
+The report's main plot is the final training return against network size per variant (mean
+and 95% CI over seeds); the second is the per-layer gradient norm of the largest size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.registry import Experiment, RunContext, RunResult, UserError
+from trainkit import plots
+from trainkit.config import Config, field, load_json
+from trainkit.loop import LoopSettings, fit
+from trainkit.run import RunDir, read_json, read_metrics, write_json
+
+VARIANTS = ("mlp", "multiskip", "multiskip_kron")
+
+
+@dataclasses.dataclass(frozen=True)
+class StableGradientsConfig(Config):
+    seed: int = field(0, ge=0)
+    env: str = field("gymnax/Breakout-MinAtar", help="a discrete-action jaxrl_suite env name")
+    variants: tuple[str, ...] = field(VARIANTS, help=f"each of {', '.join(VARIANTS)}")
+    widths: tuple[int, ...] = field((512, 1536, 2560), help="network widths, one per size")
+    blocks: tuple[int, ...] = field((1, 3, 5), help="residual blocks per size (mlp: 2*b+1 "
+                                                    "hidden layers)")
+    rl: bool = field(True, help="run the PQN part")
+    total_timesteps: int = field(10_000_000, ge=1, help="env steps per PQN run")
+    num_envs: int = field(128, ge=1)
+    num_steps: int = field(32, ge=1)
+    num_minibatches: int = field(32, ge=1)
+    num_epochs: int = field(2, ge=1)
+    lr: float = field(2.5e-4, gt=0, help="RAdam learning rate (Kron: lr / kron_lr_divisor)")
+    kron_lr_divisor: float = field(3.0, gt=0)
+    kron_max_size_triangular: int = field(8192, ge=1, help="Kron: axes larger than this get "
+                                                           "diagonal factors")
+    q_lambda: float = field(0.65, ge=0, le=1)
+    eps_finish: float = field(0.05, ge=0, le=1)
+    eps_decay: float = field(0.1, ge=0, le=1)
+    chunk_updates: int = field(50, ge=1, help="PQN updates per logged chunk / checkpoint")
+    health_every: int = field(50, ge=1, help="health report (incl. Hessian) every N updates")
+    hessian_samples: int = field(8, ge=0)
+    control: bool = field(True, help="run the supervised non-stationary control")
+    control_width: int = field(256, ge=1)
+    control_blocks: int = field(4, ge=1)
+    control_samples: int = field(512, ge=8, le=1797)
+    control_classes: int = field(10, ge=2)
+    control_phases: int = field(10, ge=1, help="label redraws + 1")
+    control_steps: int = field(500, ge=1, help="optimizer steps per phase")
+    control_batch: int = field(128, ge=1)
+    control_lr: float = field(1e-3, gt=0, help="Adam learning rate (Kron: / kron_lr_divisor)")
+
+    def validate(self) -> None:
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise self.invalid("variants", f"each must be one of {', '.join(VARIANTS)}")
+        if len(self.widths) != len(self.blocks) or not self.widths:
+            raise self.invalid("blocks", f"needs one entry per width ({len(self.widths)})")
+        if any(w < 1 for w in self.widths) or any(b < 1 for b in self.blocks):
+            raise self.invalid("widths", "widths and blocks must be >= 1")
+        batch = self.num_envs * self.num_steps
+        if batch % self.num_minibatches:
+            raise self.invalid("num_minibatches", f"must divide num_envs * num_steps = {batch}")
+        if self.total_timesteps < batch * self.chunk_updates:
+            raise self.invalid("total_timesteps", f"must be >= one chunk: num_envs * num_steps "
+                                                  f"* chunk_updates = {batch * self.chunk_updates}")
+        if self.control_batch > self.control_samples:
+            raise self.invalid("control_batch", f"must be <= control_samples = "
+                                                f"{self.control_samples}")
+
+    @property
+    def num_chunks(self) -> int:
+        return self.total_timesteps // (self.num_envs * self.num_steps * self.chunk_updates)
+
+
+def smoke() -> StableGradientsConfig:
+    """Compile-light: one tiny size, the plain MLP and multi-skip + Kron (the two ends), 4 PQN
+    updates with the health/Hessian report once, and a 2-phase control."""
+    return StableGradientsConfig(variants=("mlp", "multiskip_kron"), widths=(16,), blocks=(1,),
+                                 total_timesteps=8 * 8 * 4, num_envs=8, num_steps=8,
+                                 num_minibatches=2, num_epochs=1, chunk_updates=4,
+                                 health_every=4, hessian_samples=1, control_width=16,
+                                 control_blocks=1, control_samples=64, control_phases=2,
+                                 control_steps=5, control_batch=32)
+
+
+def cpu() -> StableGradientsConfig:
+    """Breakout-MinAtar at the scale a shared 2-core CPU allows: widths 16/32/64 with 1/2/3
+    blocks (mlp: 3/5/7 hidden layers), 3 variants, PQN for 50 updates = 51k env steps (32 envs x
+    32 steps, 4 minibatches, 2 epochs; lr 1e-3 RAdam, Kron 3.3e-4 with diagonal factors above
+    256, i.e. on the 400-wide input axis); health every 25 updates with 2 Hessian probes;
+    control: 32 wide, 3 blocks, 6 phases of 200 steps on 256 digits. About 17 min with
+    ``--seeds 3`` on the loaded 2-core machine of docs/stable_gradients_results.md; orders of
+    magnitude below the paper's 1e7 steps and 512-2560 widths, so it shows the mechanics more
+    than the effect."""
+    return StableGradientsConfig(widths=(16, 32, 64), blocks=(1, 2, 3),
+                                 total_timesteps=50 * 1024, num_envs=32, num_steps=32,
+                                 num_minibatches=4, num_epochs=2, lr=1e-3, chunk_updates=25,
+                                 health_every=25, hessian_samples=2, kron_max_size_triangular=256,
+                                 control_width=32, control_blocks=3, control_samples=256,
+                                 control_phases=6, control_steps=200, control_batch=64)
+
+
+def paper() -> StableGradientsConfig:
+    """The paper's PQN/MinAtar settings and sizes (small 512/1, medium 1536/3, large 2560/5)."""
+    return StableGradientsConfig()
+
+
+# --- networks and agents --------------------------------------------------------------------
+
+
+def network(variant: str, width: int, blocks: int):
+    from jaxrl_suite.networks import NetworkConfig
+
+    if variant == "mlp":
+        return NetworkConfig(kind="mlp", depth=2 * blocks + 1, width=width, layer_norm=False,
+                             activation="relu")
+    return NetworkConfig(kind="multiskip_paper", depth=blocks, width=width, layer_norm=True,
+                         activation="relu")
+
+
+def optimizer_name(variant: str) -> str:
+    return "kron" if variant.endswith("kron") else "radam"
+
+
+def pqn_config(cfg: StableGradientsConfig, variant: str, width: int, blocks: int):
+    from jaxrl_suite.agents.pqn import PQNConfig
+    from jaxrl_suite.optim import KronConfig
+
+    kron = optimizer_name(variant) == "kron"
+    return PQNConfig(num_envs=cfg.num_envs, num_steps=cfg.num_steps,
+                     total_timesteps=cfg.total_timesteps, eps_finish=cfg.eps_finish,
+                     eps_decay=cfg.eps_decay, num_minibatches=cfg.num_minibatches,
+                     num_epochs=cfg.num_epochs,
+                     lr=cfg.lr / cfg.kron_lr_divisor if kron else cfg.lr, reward_scale=1.0,
+                     q_lambda=cfg.q_lambda, network=network(variant, width, blocks),
+                     optimizer=optimizer_name(variant), grad_diagnostics=True,
+                     kron=KronConfig(max_size_triangular=cfg.kron_max_size_triangular),
+                     health_every=cfg.health_every, hessian_samples=cfg.hessian_samples,
+                     chunk_updates=cfg.chunk_updates)
+
+
+def layer_order(variant: str, blocks: int) -> list[str]:
+    """Dense modules from input to output (the keys of grad/norm/<module>)."""
+    if variant == "mlp":
+        return [f"hidden/{i}/dense" for i in range(2 * blocks + 1)] + ["head"]
+    return (["encoder/dense"] + [f"blocks/{i}/{k}/dense" for i in range(blocks)
+                                 for k in ("inner", "out")] + ["head"])
+
+
+def _rl_name(variant: str, width: int, blocks: int) -> str:
+    return f"rl--{variant}--w{width}-b{blocks}"
+
+
+def _control_name(variant: str) -> str:
+    return f"control--{variant}"
+
+
+# --- the supervised non-stationary control ----------------------------------------------------
+
+
+def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int):
+    """Train one variant on the redrawn-labels task; returns ``{metric: [seeds, phases]}`` at
+    the end of every phase (training loss and accuracy on all samples, gradient norms)."""
+    import optax
+    from flax import nnx
+    from sklearn.datasets import load_digits
+
+    from jaxrl_suite import health
+    from jaxrl_suite.networks import make_network
+    from jaxrl_suite.optim import KronConfig, make_optimizer
+
+    x_all = load_digits().data.astype(np.float32) / 16.0
+    x = jnp.asarray(x_all[:cfg.control_samples])
+    net = network(variant, cfg.control_width, cfg.control_blocks)
+    graphdef, _ = nnx.split(make_network(net, x.shape[1], cfg.control_classes, nnx.Rngs(0)),
+                            nnx.Param)
+    lr = cfg.control_lr / (cfg.kron_lr_divisor if variant.endswith("kron") else 1.0)
+    tx = make_optimizer("kron" if variant.endswith("kron") else "adam", lr,
+                        kron_config=KronConfig(max_size_triangular=cfg.kron_max_size_triangular))
+    n, C = cfg.control_samples, cfg.control_classes
+
+    def loss_fn(params, xb, yb):
+        logits = nnx.merge(graphdef, params)(xb)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb)), logits
+
+    def one_seed(key):
+        k_init, k_run = jax.random.split(key)
+        params = nnx.split(make_network(net, x.shape[1], C, nnx.Rngs(k_init)), nnx.Param)[1]
+
+        def step(carry, k):
+            params, opt_state, labels = carry
+            idx = jax.random.choice(k, n, (cfg.control_batch,), replace=False)
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x[idx],
+                                                                         labels[idx])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, labels), None
+
+        def phase(carry, k):
+            params, opt_state = carry
+            k_lab, k_steps = jax.random.split(k)
+            labels = jax.random.randint(k_lab, (n,), 0, C)
+            (params, opt_state, _), _ = jax.lax.scan(
+                step, (params, opt_state, labels), jax.random.split(k_steps, cfg.control_steps))
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, labels)
+            acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+            norms = health.layer_norms(grads)
+            return (params, opt_state), {"loss": loss, "accuracy": acc,
+                                         **{f"grad/norm/{k}": v for k, v in norms.items()}}
+
+        _, out = jax.lax.scan(phase, (params, tx.init(params)),
+                              jax.random.split(k_run, cfg.control_phases))
+        return out
+
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 1), seeds)
+    out = jax.jit(jax.vmap(one_seed))(keys)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+def _logged(key: str) -> bool:
+    return (key in ("episode_return", "loss", "q", "epsilon", "env_steps", "skipped")
+            or key.startswith(("grad/norm/", "grad/cos/"))
+            or key in ("health/q/dormant/all", "health/q/srank", "health/q/hessian_trace",
+                       "health/q/hessian_top_eig", "health/q/grad_norm/global"))
+
+
+def _finite_mean(x, axis):
+    x = np.asarray(x, np.float64)
+    with np.errstate(all="ignore"):
+        return np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=axis)
+
+
+def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
+    from jaxrl_suite.agents import pqn
+    from jaxrl_suite.envs import make
+
+    final, params_out = {}, {}
+    if cfg.control:
+        for variant in cfg.variants:
+            sub = RunDir(ctx.run_dir.path / "configs" / _control_name(variant))
+            path = sub.path / "phases.json"
+            if ctx.resume and path.exists():
+                res = {k: np.asarray(v) for k, v in read_json(path).items()}
+            else:
+                res = control_phase_results(cfg, variant, ctx.seeds)
+                sub.path.mkdir(parents=True, exist_ok=True)
+                write_json(path, {k: v.tolist() for k, v in res.items()})
+            final[f"control--{variant}/last_phase_accuracy"] = float(
+                np.mean(res["accuracy"][:, -1]))
+            final[f"control--{variant}/first_phase_accuracy"] = float(
+                np.mean(res["accuracy"][:, 0]))
+    if cfg.rl:
+        try:
+            env = make(cfg.env)
+        except ValueError as err:
+            raise UserError(f"config field 'env': {err}") from None
+        if not env.discrete:
+            raise UserError(f"config field 'env': {cfg.env} has continuous actions; PQN needs "
+                            "discrete ones")
+        # size-major: a run stopped early still compares every variant at the smaller sizes
+        for width, blocks in zip(cfg.widths, cfg.blocks):
+            for variant in cfg.variants:
+                name = _rl_name(variant, width, blocks)
+                sub = RunDir(ctx.run_dir.path / "configs" / name)
+                settings = pqn_config(cfg, variant, width, blocks)
+                write_json(sub.config_path, dataclasses.asdict(settings))
+                agent = pqn.make_agent(settings, env)
+                keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
+                state = jax.jit(jax.vmap(agent.init))(keys)
+                n = cfg.chunk_updates
+
+                @jax.jit
+                def chunk_fn(state, agent=agent, n=n):
+                    state, m = jax.vmap(lambda s: agent.train_chunk(s, n))(state)
+                    # per update: [seeds, n] -> [n, seeds]
+                    return state, {k: jnp.swapaxes(v, 0, 1) for k, v in m.items() if _logged(k)}
+
+                def chunk(state, num, chunk_fn=chunk_fn, n=n):
+                    # fit aligns chunks to multiples of chunk_size = n: always n updates
+                    assert num == n, (num, n)
+                    state, m = chunk_fn(state)
+                    return state, jax.tree.map(np.asarray, m)
+
+                loop = LoopSettings(num_steps=cfg.num_chunks * n, chunk_size=n, save_every=n,
+                                    key_metric="episode_return", desc=name,
+                                    max_nonfinite=cfg.num_chunks * n + 1)
+                state, logger = fit(sub, state, chunk, loop, resume=ctx.resume)
+                logger.close()
+                summary = _rl_summary(sub, cfg)
+                write_json(sub.summary_path, {"variant": variant, "width": width,
+                                              "blocks": blocks, **summary})
+                final[f"{name}/episode_return"] = float(np.nanmean(summary["return_per_seed"]))
+                params_out[name] = state.params
+    steps = cfg.total_timesteps if cfg.rl else cfg.control_phases * cfg.control_steps
+    return RunResult(params=params_out, metrics=final, steps=steps)
+
+
+def _rl_summary(sub: RunDir, cfg: StableGradientsConfig) -> dict:
+    """Per-seed means over the last 20% of updates: return, and per-layer grad norm/cosine."""
+    rows = read_metrics(sub.path / "metrics.jsonl")
+    window = max(1, len(rows) // 5)
+    tail = rows[-window:]
+    out = {}
+    keys = [k for k in tail[-1] if k != "step"]
+    for k in keys:
+        vals = np.asarray([np.atleast_1d(np.asarray(r[k], np.float64)) for r in tail if k in r])
+        out[k] = _finite_mean(vals, 0).tolist()  # [seeds]
+    out["return_per_seed"] = out.get("episode_return", [float("nan")])
+    return {"final": out, "return_per_seed": out["return_per_seed"]}
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _series(path, key):
+    rows = [r for r in read_metrics(path) if key in r]
+    steps = [r["step"] for r in rows]
+    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])
+    return steps, values.T  # [seeds, N]
+
+
+def report(run_dir: RunDir) -> str:
+    cfg = load_json(StableGradientsConfig, run_dir.config_path)
+    configs = run_dir.path / "configs"
+    figures, rows, text = [], [], []
+    sizes = list(zip(cfg.widths, cfg.blocks))
+    size_labels = [f"{w}x{b}" for w, b in sizes]
+    if cfg.rl:
+        main, curves_by_size = {}, {}
+        for variant in cfg.variants:
+            per_size = []
+            for i, (w, b) in enumerate(sizes):
+                s = configs / _rl_name(variant, w, b) / "summary.json"
+                if not s.exists():
+                    per_size.append(None)
+                    continue
+                summ = read_json(s)
+                fin = summ["final"]
+                ret = np.asarray(summ["return_per_seed"], np.float64)
+                per_size.append(ret)
+                mean, ci = plots.mean_and_ci(ret[:, None])
+                order = layer_order(variant, b)
+                first = fin.get(f"grad/norm/{order[0]}", [np.nan])
+                last = fin.get(f"grad/norm/{order[-2]}", [np.nan])
+                rows.append([variant, f"{w} x {b}", float(mean[0]), float(ci[0]),
+                             float(np.nanmean(first)), float(np.nanmean(last)),
+                             float(np.nanmean(fin.get(f"grad/cos/{order[0]}", [np.nan]))),
+                             float(np.nanmean(fin.get("health/q/dormant/all", [np.nan]))),
+                             float(np.nanmean(fin.get("health/q/srank", [np.nan]))),
+                             float(np.nanmean(fin.get("health/q/hessian_top_eig", [np.nan])))])
+                steps, values = _series(configs / _rl_name(variant, w, b) / "metrics.jsonl",
+                                        "episode_return")
+                env_steps = [st * cfg.num_envs * cfg.num_steps for st in steps]
+                curves_by_size.setdefault(size_labels[i], {})[variant] = (env_steps, values)
+            if all(p is not None for p in per_size):
+                main[variant] = (list(range(len(sizes))), np.stack(per_size, axis=1))
+        if main:
+            fig = plots.learning_curves(run_dir.plots_dir / "return_vs_size.png", main,
+                                        xlabel="network size index (" + ", ".join(
+                                            f"{i}: {l}" for i, l in enumerate(size_labels)) + ")",
+                                        ylabel="training return, last 20% of updates",
+                                        title=f"{cfg.env}: PQN return vs network size")
+            figures.append(fig)
+        for label, curves in curves_by_size.items():
+            figures.append(plots.learning_curves(
+                run_dir.plots_dir / f"return_curves_{label}.png", curves, xlabel="env steps",
+                ylabel="training episode return", title=f"{cfg.env}, size {label}"))
+        # per-layer gradient norms at the largest size
+        w, b = sizes[-1]
+        layer_curves = {}
+        for variant in cfg.variants:
+            s = configs / _rl_name(variant, w, b) / "summary.json"
+            if s.exists():
+                fin = read_json(s)["final"]
+                order = layer_order(variant, b)
+                vals = np.stack([np.asarray(fin.get(f"grad/norm/{k}", [np.nan]), np.float64)
+                                 for k in order], axis=1)  # [seeds, layers]
+                layer_curves[variant] = (list(range(len(order))), vals)
+        if layer_curves:
+            figures.append(plots.learning_curves(
+                run_dir.plots_dir / "grad_norm_by_layer.png", layer_curves,
+                xlabel="Dense layer (0 = input, last = Q head)", ylabel="gradient norm",
+                title=f"per-layer gradient norm, size {w}x{b}, last 20%", logy=True))
+        table = plots.markdown_table(rows, [
+            "variant", "width x blocks", "return (last 20%)", "95% CI", "grad norm layer 0",
+            "grad norm last hidden", "grad cos layer 0", "dormant", "srank",
+            "Hessian top eig"])
+        text.append(f"## PQN on {cfg.env}\n\n{cfg.total_timesteps} env steps per run, "
+                    f"{cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.num_minibatches} "
+                    f"minibatches x {cfg.num_epochs} epochs, lr {cfg.lr} (Kron: lr / "
+                    f"{cfg.kron_lr_divisor}). Means over seeds of the last 20% of updates; "
+                    f"curves: mean and 95% CI over seeds.\n\n{table}\n")
+    if cfg.control:
+        crow, ccurves, cacc = [], {}, {}
+        for variant in cfg.variants:
+            path = configs / _control_name(variant) / "phases.json"
+            if not path.exists():
+                continue
+            res = {k: np.asarray(v, np.float64) for k, v in read_json(path).items()}
+            ccurves[variant] = (list(range(1, cfg.control_phases + 1)), res["loss"])
+            cacc[variant] = (list(range(1, cfg.control_phases + 1)), res["accuracy"])
+            crow.append([variant, float(res["accuracy"][:, 0].mean()),
+                         float(res["accuracy"][:, -1].mean()), float(res["loss"][:, 0].mean()),
+                         float(res["loss"][:, -1].mean())])
+        if cacc:
+            figures.append(plots.learning_curves(
+                run_dir.plots_dir / "control_accuracy.png", cacc, xlabel="phase (labels redrawn)",
+                ylabel="end-of-phase training accuracy", title="non-stationary supervised control"))
+            figures.append(plots.learning_curves(
+                run_dir.plots_dir / "control_loss.png", ccurves, xlabel="phase (labels redrawn)",
+                ylabel="end-of-phase training loss", title="non-stationary supervised control",
+                logy=True))
+        table = plots.markdown_table(crow, ["variant", "accuracy phase 1", "accuracy last phase",
+                                            "loss phase 1", "loss last phase"])
+        text.append(f"## Supervised non-stationary control\n\n{cfg.control_samples} digits, "
+                    f"random labels over {cfg.control_classes} classes redrawn every "
+                    f"{cfg.control_steps} steps, {cfg.control_phases} phases; network "
+                    f"{cfg.control_width} wide, {cfg.control_blocks} blocks (mlp: "
+                    f"{2 * cfg.control_blocks + 1} layers); Adam {cfg.control_lr} (Kron / "
+                    f"{cfg.kron_lr_divisor}).\n\n{table}\n")
+    body = "\n".join(text)
+    images = "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures)
+    run_dir.report_path.write_text(f"# stable_gradients\n\n{body}\n{images}\n")
+    return str(run_dir.report_path)
+
+
+EXPERIMENT = Experiment(
+    name="stable_gradients",
+    description="multi-skip residual MLP + LayerNorm + Kron vs plain MLP: PQN return vs network "
+                "size on MinAtar, gradient flow, and a non-stationary supervised control",
+    config_cls=StableGradientsConfig,
+    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    run=run,
+    report=report,
+)
