@@ -300,8 +300,24 @@ def gradient_flow(grads: Any, prev_grads: Any | None = None) -> dict[str, jax.Ar
     return out
 
 
+def minibatch_gradient_flow(grads: Any, prev: tuple[Any, jax.Array]) -> dict[str, jax.Array]:
+    """:func:`gradient_flow` inside a scan over an update's minibatches: ``prev`` is
+    ``(previous minibatch's gradients, whether there is one)``; the cosines are NaN for the
+    first minibatch of an update, which :func:`mean_over_minibatches` leaves out."""
+    prev_grads, have_prev = prev
+    out = gradient_flow(grads, prev_grads)
+    return {k: (jnp.where(have_prev, v, jnp.nan) if k.startswith("grad/cos/") else v)
+            for k, v in out.items()}
+
+
+def mean_over_minibatches(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Means of stacked per-minibatch metrics; ``grad/cos/*`` skips its NaN first entry."""
+    return {k: (jnp.nanmean(v) if k.startswith("grad/cos/") else jnp.mean(v))
+            for k, v in aux.items()}
+
+
 __all__ = [
-    "layer_cosines", "hvp", "hutchinson_trace", "hessian_top_eigenvalue", "gradient_flow",
+    "minibatch_gradient_flow", "mean_over_minibatches", "layer_cosines", "hvp", "hutchinson_trace", "hessian_top_eigenvalue", "gradient_flow",
     "tau_dormant_scores", "grama_scores", "dormant_mask", "inactive_fraction", "srank",
     "layer_norms", "redo_scores", "grama_layer_scores", "layer_health", "health_report",
 ]

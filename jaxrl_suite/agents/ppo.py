@@ -469,7 +469,7 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
             params, opt_state, prev = carry
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
             if c.grad_diagnostics:
-                aux = {**aux, **_gradient_flow(grads, prev)}
+                aux = {**aux, **health.minibatch_gradient_flow(grads, prev)}
                 prev = (grads, jnp.ones((), bool))
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, prev), aux
@@ -483,7 +483,7 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
                  if c.grad_diagnostics else None)
         (params, opt_state, _), aux = jax.lax.scan(
             epoch, (params, state.opt_state, prev0), jax.random.split(k_epochs, c.update_epochs))
-        metrics = _update_means(aux)
+        metrics = health.mean_over_minibatches(aux)
         guard = state.guard
         if c.guard_nonfinite:
             params, opt_state, guard, metrics["skipped"] = _guard_update(
@@ -525,21 +525,6 @@ class _Batch:
     value: jax.Array
     advantages: jax.Array
     returns: jax.Array
-
-
-def _update_means(aux):
-    """Means over the update's minibatches; ``grad/cos/*`` skips its NaN first entry."""
-    return {k: (jnp.nanmean(v) if k.startswith("grad/cos/") else jnp.mean(v))
-            for k, v in aux.items()}
-
-
-def _gradient_flow(grads, prev):
-    """Per-layer gradient norms and the cosine with the previous minibatch's gradients (NaN for
-    the first minibatch of an update, left out of the update's mean)."""
-    prev_grads, have_prev = prev
-    out = health.gradient_flow(grads, prev_grads)
-    return {k: (jnp.where(have_prev, v, jnp.nan) if k.startswith("grad/cos/") else v)
-            for k, v in out.items()}
 
 
 def _guard_update(params, opt_state, old_params, old_opt_state, losses, guard: GuardState):

@@ -296,7 +296,7 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
             params, opt_state, prev = carry
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
             if c.grad_diagnostics:
-                aux = {**aux, **_gradient_flow(grads, prev)}
+                aux = {**aux, **health.minibatch_gradient_flow(grads, prev)}
                 prev = (grads, jnp.ones((), bool))
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, prev), aux
@@ -310,7 +310,7 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
                  if c.grad_diagnostics else None)
         (params, opt_state, _), aux = jax.lax.scan(
             epoch, (params, state.opt_state, prev0), jax.random.split(k_epochs, c.num_epochs))
-        metrics = _update_means(aux)
+        metrics = health.mean_over_minibatches(aux)
         guard = state.guard
         if c.guard_nonfinite:
             params, opt_state, guard, metrics["skipped"] = _guard_update(
@@ -337,21 +337,6 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
 
     return PQNAgent(config=c, env=env, graphdef=graphdef, optimizer=optimizer, init=init,
                     train_chunk=train_chunk, train=train, policy=policy, init_params=init_params)
-
-
-def _update_means(aux):
-    """Means over the update's minibatches; ``grad/cos/*`` skips its NaN first entry."""
-    return {k: (jnp.nanmean(v) if k.startswith("grad/cos/") else jnp.mean(v))
-            for k, v in aux.items()}
-
-
-def _gradient_flow(grads, prev):
-    """Per-layer gradient norms and the cosine with the previous minibatch's gradients (NaN for
-    the first minibatch of an update, left out of the update's mean)."""
-    prev_grads, have_prev = prev
-    out = health.gradient_flow(grads, prev_grads)
-    return {k: (jnp.where(have_prev, v, jnp.nan) if k.startswith("grad/cos/") else v)
-            for k, v in out.items()}
 
 
 def _guard_update(params, opt_state, old_params, old_opt_state, losses, guard: GuardState):
