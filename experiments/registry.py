@@ -130,9 +130,9 @@ _OWN_PACKAGES = frozenset({"trainkit", "jaxrl_suite", "llm_rl", "generative", "a
 def install_command(extra: str) -> str:
     """The exact command that installs ``extra`` into the running interpreter."""
     root = Path(__file__).resolve().parents[1]
-    target = f"{root}[{extra}]" if (root / "pyproject.toml").exists() else f"jaxresearch[{extra}]"
-    editable = "-e " if (root / "pyproject.toml").exists() else ""
-    return f"{sys.executable} -m pip install {editable}'{target}'"
+    if (root / "pyproject.toml").exists():  # a source checkout: editable install of it
+        return f"{sys.executable} -m pip install -e '{root}[{extra}]'"
+    return f"{sys.executable} -m pip install 'jaxresearch[{extra}]'"
 
 
 def _extra_requirements(extra: str) -> list[str]:
