@@ -188,10 +188,12 @@ def test_perfect_scores_on_simulated_mixtures_give_psds_near_one():
                        for m in mixtures])
     events = [m.events for m in mixtures]
     ts = sed.frame_timestamps(cfg.num_samples, cfg)
+    # PSDS2's 0.1 detection/ground-truth tolerances absorb the gap between the annotated event
+    # boundaries and the A-weighted frame labels, so perfect frame scores score exactly 1.
     res = M.psds(scores, ts, events, cfg.duration, classes, M.PSDS2)
-    assert res.value > 0.9
+    assert res.value == pytest.approx(1.0)
+    assert set(res.per_class.values()) == {1.0}
     labels = scores > 0.5
-    assert M.frame_auroc(scores, labels).macro == 1.0
     noisy = scores + np.random.default_rng(0).normal(0, 2.0, scores.shape)
     assert M.psds(noisy, ts, events, cfg.duration, classes, M.PSDS2).value < res.value
     # against ground truth on the frame grid, perfect scores are perfect for PSDS1 too
