@@ -156,9 +156,22 @@ def grade_countdown(response: str, problem: Problem) -> float:
     return 1.0
 
 
+def _code_problem(rng: np.random.Generator, **kw: Any) -> Problem:
+    from llm_rl import code_tasks  # lazy: the sandbox is only needed for code
+
+    return code_tasks.code_problem(rng, **kw)
+
+
+def _grade_code(response: str, problem: Problem) -> float:
+    from llm_rl import code_tasks
+
+    return code_tasks.grade_code(response, problem)
+
+
 TASKS: dict[str, tuple[Callable[..., Problem], Callable[[str, Problem], float]]] = {
     "arithmetic": (arithmetic_problem, grade_arithmetic),
     "countdown": (countdown_problem, grade_countdown),
+    "code": (_code_problem, _grade_code),  # MBPP-style functions graded in llm_rl.sandbox
 }
 
 
