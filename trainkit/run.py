@@ -241,7 +241,7 @@ class Progress:
     """A tqdm progress bar over training steps with ETA and the key metric."""
 
     def __init__(self, total: int, *, initial: int = 0, desc: str = "train",
-                 key_metric: str | None = None):
+                 key_metric: str | tuple[str, ...] | None = None):
         from tqdm import tqdm  # the text bar: works in terminals, logs and notebooks alike
 
         self.key_metric = key_metric
@@ -251,12 +251,18 @@ class Progress:
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         self._bar.update(step - self._bar.n)
-        if metrics and self.key_metric and self.key_metric in metrics:
-            value = np.asarray(metrics[self.key_metric], dtype=np.float64)
-            # all NaN (e.g. no episode finished yet in this chunk): show nan, without numpy's
-            # "Mean of empty slice" warning
-            shown = float(np.nanmean(value)) if np.any(~np.isnan(value)) else float("nan")
-            self._bar.set_postfix({self.key_metric: f"{shown:.4g}"}, refresh=False)
+        # key_metric: one name, or a tuple of names shown side by side
+        names = (self.key_metric,) if isinstance(self.key_metric, str) else tuple(self.key_metric or ())
+        shown_metrics = {}
+        for name in names:
+            if metrics and name in metrics:
+                value = np.asarray(metrics[name], dtype=np.float64)
+                # all NaN (e.g. no episode finished yet in this chunk): show nan, without numpy's
+                # "Mean of empty slice" warning
+                shown = float(np.nanmean(value)) if np.any(~np.isnan(value)) else float("nan")
+                shown_metrics[name] = f"{shown:.4g}"
+        if shown_metrics:
+            self._bar.set_postfix(shown_metrics, refresh=False)
 
     def close(self) -> None:
         self._bar.close()

@@ -277,17 +277,26 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def causal_padding_mask(attention_mask: jax.Array, q_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
+def causal_padding_mask(attention_mask: jax.Array, q_len: int, q_offset: int | jax.Array = 0,
+                        segment_ids: jax.Array | None = None) -> jax.Array:
     """Boolean [B, T, S]: query ``t`` (at slot ``q_offset + t`` of the S key slots) may attend
-    key slot ``s`` iff ``s <= q_offset + t`` and ``attention_mask[b, s] == 1``.
+    key slot ``s`` iff ``s <= q_offset + t`` and ``attention_mask[b, s] == 1`` (and, with
+    ``segment_ids``, ``segment_ids[b, q_offset + t] == segment_ids[b, s]``).
 
     ``attention_mask`` [B, S] marks the real key slots. Without a cache ``q_offset = 0`` and
-    ``S = T``; with a KV cache the keys are the cache slots and ``q_offset`` the write index."""
+    ``S = T``; with a KV cache the keys are the cache slots and ``q_offset`` the write index.
+    ``segment_ids`` [B, S] (optional) numbers the documents packed into one row (sequence
+    packing, :mod:`llm_rl.sft`): a query attends only keys of its own document."""
     chex.assert_rank(attention_mask, 2)
     s = attention_mask.shape[1]
     q_slot = q_offset + jnp.arange(q_len)
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]
-    return causal[None] & (attention_mask[:, None, :] != 0)
+    mask = causal[None] & (attention_mask[:, None, :] != 0)
+    if segment_ids is not None:
+        chex.assert_equal_shape([attention_mask, segment_ids])
+        q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, q_len, axis=1)
+        mask = mask & (q_seg[:, :, None] == segment_ids[:, None, :])
+    return mask
 
 
 class Attention(nnx.Module):
@@ -380,10 +389,11 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """Final hidden states [B, T, D] in the parameter dtype."""
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final hidden states [B, T, D] in the parameter dtype. ``segment_ids`` [B, T]
+        (optional): packed documents, no attention across them (:func:`causal_padding_mask`)."""
         attention_mask, positions = _inputs(input_ids, attention_mask, positions)
-        mask = causal_padding_mask(attention_mask, input_ids.shape[1])
+        mask = causal_padding_mask(attention_mask, input_ids.shape[1], segment_ids=segment_ids)
         x = self.embed_tokens(input_ids.astype(jnp.int32))
         for layer in self.layers:
             x = layer(x, positions, mask)
@@ -395,10 +405,11 @@ class CausalLM(nnx.Module):
     positions=None [B,T]) -> float32 logits [B,T,V]``; ``logits[:, t]`` predicts token ``t+1``.
 
     ``attention_mask`` marks real tokens (1) and padding (0); padded keys are never attended,
-    and the logits at padded positions are finite but meaningless. ``positions`` default to
-    ``cumsum(attention_mask) - 1``, which makes left-padded prompts behave as unpadded ones.
-    Parameters live in ``param_dtype`` and the computation runs in it; logits are float32
-    (the output projection accumulates in float32)."""
+    nor, with ``segment_ids`` [B, T], keys of another packed document; the logits at padded
+    positions are finite but meaningless. ``positions`` default to ``cumsum(attention_mask) - 1``,
+    which makes left-padded prompts behave as unpadded ones. Parameters live in
+    ``param_dtype`` and the computation runs in it; logits are float32 (the output projection
+    accumulates in float32)."""
 
     config_class: ClassVar[type] = DecoderConfig
 
@@ -415,8 +426,8 @@ class CausalLM(nnx.Module):
                               use_bias=False, param_dtype=param_dtype, rngs=rngs))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        h = self.model(input_ids, attention_mask, positions)
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        h = self.model(input_ids, attention_mask, positions, segment_ids)
         if self.lm_head is None:
             return self.model.embed_tokens.attend(h)
         return self.lm_head(h, out_dtype=jnp.float32)
@@ -441,6 +452,6 @@ class ValueModel(nnx.Module):
                                 param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        h = self.model(input_ids, attention_mask, positions)
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        h = self.model(input_ids, attention_mask, positions, segment_ids)
         return self.value_head(h, out_dtype=jnp.float32)[..., 0]
