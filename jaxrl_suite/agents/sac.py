@@ -334,6 +334,30 @@ class SACState:
     key: jax.Array
     env_steps: jax.Array  # int32, transitions collected (all envs)
     updates: jax.Array  # int32, gradient updates done
+    early_stop: Any = None  # the early-stop hook's state (LEAST memories); None without one
+
+
+def stop_episodes(env: Env, next_state: EnvState, prev_stats: Any, stop: jax.Array,
+                  key: jax.Array) -> EnvState:
+    """End the running episodes of the vectorised environments where ``stop`` as *truncations*:
+    ``truncated = 1`` (``terminated`` stays 0, so the stored transition bootstraps from
+    ``final_obs``, the step's own next observation), the episode statistics close the episode,
+    and those environments restart from ``env.reset`` with keys from ``key``. ``stop`` must be
+    0 where the environment already ended the episode (``next_state.done``)."""
+    n = stop.shape[0]
+    fresh = strong_types(jax.vmap(env.reset)(jax.random.split(key, n)))
+    stop_b = stop.astype(bool)
+
+    def pick(a, b):
+        return jnp.where(stop_b.reshape(stop_b.shape + (1,) * (a.ndim - 1)), a, b)
+
+    stop_f = stop_b.astype(jnp.float32)
+    return next_state.replace(
+        obs=pick(fresh.obs, next_state.obs),
+        truncated=jnp.maximum(next_state.truncated, stop_f),
+        stats=jax.tree.map(pick, prev_stats.update(next_state.reward, stop_f), next_state.stats),
+        inner=jax.tree.map(pick, fresh.inner, next_state.inner),
+        time=jnp.where(stop_b, 0, next_state.time))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,10 +365,19 @@ class OffPolicyAgent:
     """The loop shared by SAC and TD3: collection into the replay buffer, ``utd * num_envs``
     updates per iteration after ``learning_starts``, chunk metrics, critic health and resets.
     Subclasses define ``init``, ``update``, ``explore`` (the behaviour policy), ``policy`` (the
-    deterministic one) and ``UPDATE_METRICS`` (the scalar metrics ``update`` returns)."""
+    deterministic one), ``stop_signals`` and ``UPDATE_METRICS`` (the scalar metrics ``update``
+    returns).
+
+    ``early_stop`` (optional, e.g. :class:`jaxrl_suite.least.Least`): a hook with ``init()``
+    (its state, kept in the agent state as ``early_stop``), ``step(hook_state, q, td_loss,
+    step_index, done, entropy_per_dim, env_steps) -> (hook_state, stop [num_envs])`` called at
+    every environment step, and ``metrics(hook_state)``. Stopped episodes become truncations
+    (:func:`stop_episodes`). Without a hook (``None``) the loop is the plain agent's, bit for
+    bit: the hook's randomness comes from ``fold_in`` of a key the loop draws anyway."""
 
     config: Any
     env: Env
+    early_stop: Any = None
 
     UPDATE_METRICS = ()  # class constant, not a field
 
@@ -385,10 +418,22 @@ class OffPolicyAgent:
         policy_a = self.explore(state.actor, obs, k_pol)
         action = jnp.where(state.env_steps < c.learning_starts, random_a, policy_a)
         next_env = jax.vmap(self.env.step)(state.env, action)
+        if self.early_stop is not None:
+            state, next_env = self._early_stop(state, action, next_env, k_pol)
         buffer = replay.add_batch(state.buffer, self._transition(state.env, action, next_env))
         state = state.replace(env=next_env, buffer=buffer, key=key,
                               env_steps=state.env_steps + c.num_envs)
         return state, next_env.stats
+
+    def _early_stop(self, state: Any, action: jax.Array, next_env: EnvState, key: jax.Array):
+        """Feed the hook this step's ``Q(s, a)``, TD loss and policy entropy; stop (truncate and
+        reset) the episodes it says to."""
+        k_signals, k_reset = jax.random.split(jax.random.fold_in(key, 1))
+        q, td, entropy = self.stop_signals(state, action, next_env, k_signals)
+        hook, stop = self.early_stop.step(state.early_stop, q, td, state.env.time,
+                                          next_env.done > 0, entropy, state.env_steps)
+        next_env = stop_episodes(self.env, next_env, state.env.stats, stop, k_reset)
+        return state.replace(early_stop=hook), next_env
 
     def _maybe_reset(self, critic, critic_opt, x, grads, updates, key):
         rc = self.config.reset_config()
@@ -468,6 +513,8 @@ class OffPolicyAgent:
         if self.config.health_every:
             metrics.update(last_health)
             metrics["health/reports"] = n_health
+        if self.early_stop is not None:
+            metrics.update(self.early_stop.metrics(state.early_stop))
         return state, metrics
 
     def train(self, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
@@ -525,6 +572,25 @@ class SAC(OffPolicyAgent):
         """The behaviour policy after warm-up: a sample of the squashed Gaussian."""
         return self.sample_action(actor_params, obs, key)[0]
 
+    def stop_signals(self, state: SACState, action: jax.Array, next_env: EnvState,
+                     key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """What an early-stop hook sees at a step: ``q = min_i Q_i(s, a)`` (online critics),
+        the TD loss ``mean_i (Q_i(s, a) - y)^2`` against this step's soft target ``y`` (Eq. 3/5,
+        target critics, ``a' ~ pi(.|s')``), ``[num_envs]`` each, and the policy entropy per
+        action dimension ``-E log pi(a|s) / dim(A)`` (one sample per env, averaged)."""
+        c = self.config
+        k_next, k_ent = jax.random.split(key)
+        obs, next_obs = state.env.obs, next_env.final_obs
+        q = self.critic(state.critic, obs, action)
+        next_a, next_logp = self.sample_action(state.actor, next_obs, k_next)
+        next_q = self.critic(state.target_critic, next_obs, next_a)
+        alpha = jnp.exp(state.log_alpha) if c.autotune else c.init_alpha
+        y = soft_td_target(next_env.reward, next_env.terminated, next_q, next_logp, alpha,
+                           c.gamma)
+        _, logp = self.sample_action(state.actor, obs, k_ent)
+        return (jnp.min(q, axis=0), jnp.mean((q - y[None]) ** 2, axis=0),
+                -jnp.mean(logp) / self.action_dim)
+
     # init
     def init(self, key: jax.Array) -> SACState:
         c = self.config
@@ -542,7 +608,8 @@ class SAC(OffPolicyAgent):
                         alpha_opt=tx_alpha.init(log_alpha),
                         guards={"actor": init_guard(), "critic": init_guard(),
                                 "alpha": init_guard()},
-                        buffer=buffer, env=env_state, key=key, env_steps=zero, updates=zero)
+                        buffer=buffer, env=env_state, key=key, env_steps=zero, updates=zero,
+                        early_stop=None if self.early_stop is None else self.early_stop.init())
 
     # one gradient update
     def critic_loss(self, critic_params, target_params, actor_params, log_alpha, batch, key):
@@ -641,12 +708,13 @@ def health_hook(critic: TwinCritic, c, params, x, grads, updates) -> dict:
     return out
 
 
-def make_agent(config: SACConfig, env: Env) -> SAC:
-    """The SAC agent of ``config`` on ``env`` (continuous actions in ``[-1, 1]``)."""
-    return SAC(config, env)
+def make_agent(config: SACConfig, env: Env, early_stop: Any = None) -> SAC:
+    """The SAC agent of ``config`` on ``env`` (continuous actions in ``[-1, 1]``), with an
+    optional early-stop hook (:class:`jaxrl_suite.least.Least`)."""
+    return SAC(config, env, early_stop)
 
 
 __all__ = ["SACConfig", "SACState", "SAC", "OffPolicyAgent", "make_agent", "tanh_gaussian_log_prob",
            "sample_tanh_gaussian", "soft_td_target", "log1m_tanh_sq", "polyak", "TwinCritic",
            "critic_health", "critic_reset", "per_member", "reset_hook", "health_hook",
-           "strong_types"]
+           "strong_types", "stop_episodes"]

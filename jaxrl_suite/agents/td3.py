@@ -24,6 +24,7 @@ buffer is :mod:`jaxrl_suite.agents.replay`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -124,6 +125,7 @@ class TD3State:
     key: jax.Array
     env_steps: jax.Array
     updates: jax.Array
+    early_stop: Any = None  # the early-stop hook's state (see OffPolicyAgent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,25 @@ class TD3(OffPolicyAgent):
         noise = self.config.exploration_noise * jax.random.normal(key, a.shape, a.dtype)
         return jnp.clip(a + noise, -1.0, 1.0)
 
+    def stop_signals(self, state: TD3State, action: jax.Array, next_env: EnvState,
+                     key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """What an early-stop hook sees: ``q = min_i Q_i(s, a)``, the TD loss
+        ``mean_i (Q_i(s, a) - y)^2`` with ``y = r + gamma (1 - terminated) min_i Q'_i(s', pi'(s'))``
+        (the target policy without smoothing noise: the hook wants the estimate, not the
+        regulariser), and the entropy per dimension of the Gaussian exploration noise,
+        ``1/2 log(2 pi e sigma^2)``: a constant, so an entropy-adaptive K is fixed for TD3."""
+        del key
+        c = self.config
+        obs, next_obs = state.env.obs, next_env.final_obs
+        q = self.critic(state.critic, obs, action)
+        next_q = self.critic(state.target_critic, next_obs,
+                             self.policy(state.target_actor, next_obs))
+        y = soft_td_target(next_env.reward, next_env.terminated, next_q,
+                           jnp.zeros_like(next_env.reward), 0.0, c.gamma)
+        sigma = max(c.exploration_noise, 1e-6)
+        entropy = jnp.float32(0.5 * math.log(2 * math.pi * math.e * sigma ** 2))
+        return jnp.min(q, axis=0), jnp.mean((q - y[None]) ** 2, axis=0), entropy
+
     def _txs(self):
         c = self.config
         return optax.adam(c.actor_lr), per_member(optax.adam(c.critic_lr))
@@ -167,7 +188,8 @@ class TD3(OffPolicyAgent):
         return TD3State(actor=actor, target_actor=actor, critic=critic, target_critic=critic,
                         actor_opt=tx_actor.init(actor), critic_opt=tx_critic.init(critic),
                         guards={"actor": init_guard(), "critic": init_guard()},
-                        buffer=buffer, env=env_state, key=key, env_steps=zero, updates=zero)
+                        buffer=buffer, env=env_state, key=key, env_steps=zero, updates=zero,
+                        early_stop=None if self.early_stop is None else self.early_stop.init())
 
     def critic_loss(self, critic_params, target_critic, target_actor, batch, key):
         """``sum_i E[(Q_i(s, a) - y)^2]`` with the smoothed clipped double-Q target ``y``."""
@@ -243,9 +265,10 @@ class TD3(OffPolicyAgent):
         return state, metrics
 
 
-def make_agent(config: TD3Config, env: Env) -> TD3:
-    """The TD3 agent of ``config`` on ``env`` (continuous actions in ``[-1, 1]``)."""
-    return TD3(config, env)
+def make_agent(config: TD3Config, env: Env, early_stop: Any = None) -> TD3:
+    """The TD3 agent of ``config`` on ``env`` (continuous actions in ``[-1, 1]``), with an
+    optional early-stop hook (:class:`jaxrl_suite.least.Least`)."""
+    return TD3(config, env, early_stop)
 
 
 __all__ = ["TD3Config", "TD3State", "TD3", "make_agent", "smoothed_target_action"]
