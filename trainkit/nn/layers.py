@@ -1,8 +1,9 @@
 """Domain-neutral NNX layers every package builds on: ``Dense`` with logical axes, the token
-``Embed`` table, ``LayerNorm``, grouped-query ``dot_product_attention`` and the bidirectional
+``Embed`` table, ``LayerNorm``, grouped-query ``dot_product_attention``, the bidirectional
 pre-LN ``EncoderBlock`` (the audio encoders, the MiniLM text encoder, the generative ViT and
 code denoiser stack it; the LM zoo's decoders in :mod:`llm_rl.models` use ``Dense``, ``Embed``
-and the attention).
+and the attention) and the causal pre-LN ``DecoderBlock`` with a KV cache and optional
+cross-attention (the ReaLchords models of :mod:`audio.music.models`).
 
 Every parameter carries logical axis names (``nnx.Param(..., out_sharding=(...))``); the rules
 table of :mod:`trainkit.sharding` maps them onto the mesh.
@@ -167,3 +168,83 @@ class EncoderBlock(nnx.Module):
         y = self.attn_norm(x)
         x = x + self.out(dot_product_attention(self.query(y), self.key(y), self.value(y), mask))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
+
+
+class DecoderBlock(nnx.Module):
+    """Causal pre-LN transformer decoder block, optionally with cross-attention (T5/BART-
+    style encoder-decoder without the post-LN):
+
+        h = x + W_o SelfAttn(LN_1(x))                    (keys: earlier positions)
+        h = h + W_o' CrossAttn(LN_x(h), memory)          (only with ``cross=True``)
+        y = h + W_2 GELU(W_1 LN_2(h))
+
+    ``mask [B, T, S]`` selects the self-attention keys (True: may attend). With a KV cache
+    ``kv = (k, v)`` of shape [B, S, N, H] the block writes this call's keys/values at slots
+    ``write_index .. write_index + T - 1`` (one ``dynamic_update_slice``) and attends over the
+    whole cache, so a token-by-token decode gives the outputs of one full pass; without a
+    cache it attends over this call's own keys (S = T). Returns ``(y, (k, v))``: the updated
+    cache, or this call's keys/values. ``memory [B, M, D]`` is the encoder output and
+    ``memory_mask [B, T, M]`` its key mask; ``cross_kv`` may pass the memory's keys/values
+    precomputed once by :meth:`cross_keys_values` (a decode loop then does not re-project
+    the encoder output every step). ``head_dim`` (default ``width / num_heads``) lets the
+    attention width ``num_heads * head_dim`` differ from the model width, as in T5 (6 heads
+    of 64 on a 512-wide model). With an all-True ``mask`` and ``cross=False`` the block is
+    a bidirectional encoder block."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float,
+                 cross: bool = False, head_dim: int | None = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 kernel_init: Callable[..., jax.Array] | None = None):
+        if head_dim is None and width % num_heads:
+            raise ValueError(f"width {width} is not a multiple of num_heads {num_heads} "
+                             "(give head_dim for an attention width other than the model's)")
+        h = width // num_heads if head_dim is None else int(head_dim)
+
+        def dense(i, o, axes):
+            return Dense(i, o, axes, use_bias=True, param_dtype=param_dtype, rngs=rngs,
+                         kernel_init=kernel_init)
+
+        def qkvo():
+            return (dense((width,), (num_heads, h), ("embed", "heads", "head_dim")),
+                    dense((width,), (num_heads, h), ("embed", "heads", "head_dim")),
+                    dense((width,), (num_heads, h), ("embed", "heads", "head_dim")),
+                    dense((num_heads, h), (width,), ("heads", "head_dim", "embed")))
+
+        self.attn_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.query, self.key, self.value, self.out = qkvo()
+        self.cross = cross
+        if cross:
+            self.cross_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+            self.cross_query, self.cross_key, self.cross_value, self.cross_out = qkvo()
+        self.mlp_norm = LayerNorm(width, eps=eps, param_dtype=param_dtype)
+        self.fc1 = dense((width,), (mlp_dim,), ("embed", "mlp"))
+        self.fc2 = dense((mlp_dim,), (width,), ("mlp", "embed"))
+
+    def cross_keys_values(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The cross-attention keys and values [B, M, N, H] of an encoder output."""
+        return self.cross_key(memory), self.cross_value(memory)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, *, kv: tuple[jax.Array, jax.Array] | None = None,
+                 write_index: jax.Array | int = 0, memory: jax.Array | None = None,
+                 memory_mask: jax.Array | None = None,
+                 cross_kv: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        y = self.attn_norm(x)
+        k, v = self.key(y), self.value(y)
+        if kv is not None:
+            at = (0, jnp.asarray(write_index, jnp.int32), 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
+        x = x + self.out(dot_product_attention(self.query(y), k, v, mask))
+        if self.cross:
+            if cross_kv is None:
+                if memory is None:
+                    raise ValueError("a cross-attention block needs memory or cross_kv")
+                cross_kv = self.cross_keys_values(memory)
+            if memory_mask is None:
+                memory_mask = jnp.ones((x.shape[0], x.shape[1], cross_kv[0].shape[1]), bool)
+            y = self.cross_norm(x)
+            x = x + self.cross_out(dot_product_attention(self.cross_query(y), cross_kv[0],
+                                                         cross_kv[1], memory_mask))
+        x = x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
+        return x, (k, v)
