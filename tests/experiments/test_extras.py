@@ -43,9 +43,31 @@ def _module_file(dotted: str) -> Path | None:
     return None
 
 
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return handler.type is None or any(
+        isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception")
+        for n in names)
+
+
+def _optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside a ``try`` whose handlers catch ImportError and fall back
+    instead of raising: optional imports (e.g. pyfluidsynth, else pretty_midi's sine synthesis)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        handlers = [h for h in getattr(node, "handlers", []) if _catches_import_error(h)]
+        # a handler that raises again (a clearer message) marks a required import, not a fallback
+        if (isinstance(node, ast.Try) and handlers
+                and not any(isinstance(n, ast.Raise) for h in handlers for n in ast.walk(h))):
+            for stmt in node.body:
+                out |= {id(n) for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return out
+
+
 def _third_party_imports(module: str) -> dict[str, str]:
     """{top-level third-party module: the project file that imports it}, over every project
-    module reachable by imports from ``module`` (imports inside functions included)."""
+    module reachable by imports from ``module`` (imports inside functions included; imports in a
+    ``try`` whose ImportError handler falls back without raising are optional and left out)."""
     seen: set[str] = set()
     found: dict[str, str] = {}
     todo = [module]
@@ -57,7 +79,11 @@ def _third_party_imports(module: str) -> dict[str, str]:
         file = _module_file(name)
         if file is None:
             continue
-        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        tree = ast.parse(file.read_text(), str(file))
+        optional = _optional_imports(tree)
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
