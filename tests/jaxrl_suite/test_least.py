@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from jaxrl_suite import least
 from jaxrl_suite.agents import sac
-from jaxrl_suite.envs.core import Env, EnvSpec, EnvState, EpisodeStats
+from jaxrl_suite.envs.core import Env
+from tests.jaxrl_suite.walk_env import walk_env
 from trainkit.checkpoint import Checkpointer
 
 
@@ -95,32 +96,7 @@ LIMIT = 6
 
 
 def _walk_env() -> Env:
-    """x' = x + a, reward x', never terminates, truncated after LIMIT steps; obs (x, t)."""
-    def obs_of(x, t):
-        return jnp.stack([x, t.astype(jnp.float32)])
-
-    def reset(key):
-        zero = jnp.zeros((), jnp.float32)
-        t = jnp.zeros((), jnp.int32)
-        return EnvState(obs=obs_of(zero, t), reward=zero, terminated=zero, truncated=zero,
-                        final_obs=obs_of(zero, t), stats=EpisodeStats.zeros(), key=key,
-                        inner=zero, time=t)
-
-    def step(state, action):
-        x = state.inner + action[0]
-        t = state.time + 1
-        trunc = (t >= LIMIT).astype(jnp.float32)
-        done = trunc > 0
-        final = obs_of(x, t)
-        z = jnp.zeros((), jnp.float32)
-        return EnvState(obs=jnp.where(done, obs_of(z, jnp.zeros((), jnp.int32)), final),
-                        reward=x, terminated=z, truncated=trunc, final_obs=final,
-                        stats=state.stats.update(x, trunc), key=state.key,
-                        inner=jnp.where(done, 0.0, x), time=jnp.where(done, 0, t))
-
-    spec = EnvSpec(name="test/walk", observation_size=2, discrete=False, action_size=1,
-                   num_actions=0, max_episode_steps=LIMIT)
-    return Env(spec=spec, reset=reset, step=step)
+    return walk_env(LIMIT)  # never terminates: every episode end is a truncation
 
 
 SMOKE = dataclasses.replace(sac.SACConfig.smoke(), total_steps=128, chunk_steps=16,
