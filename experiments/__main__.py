@@ -161,6 +161,9 @@ def _run(args) -> int:
         if info.get("experiment", exp.name) != exp.name:
             raise UserError(f"{run_dir.path} holds a run of '{info['experiment']}', not '{exp.name}'")
         cfg = tc.apply_overrides(tc.load_json(exp.config_cls, run_dir.config_path), args.overrides)
+        if not run_dir.run_info_path.exists():  # execute writes config.json, then run.json
+            raise UserError(f"{run_dir.run_info_path} is missing, so {run_dir.path} is not a run "
+                            "this command started; start a new run in another --run-dir")
         preset = info.get("preset", args.preset)
         seeds = info.get("seeds", 1) if args.seeds is None else args.seeds
         if seeds != info.get("seeds", seeds):

@@ -102,6 +102,18 @@ def test_resume_on_dir_without_config_json(capsys, tmp_path):
     assert_one_line_error(code, err, empty, "config.json")
 
 
+def test_resume_on_dir_with_config_json_but_no_run_json(capsys, tmp_path):
+    """A valid config.json alone is not a run: resuming it used to train from scratch."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_json(smoke(), run_dir / "config.json")
+    before = (run_dir / "config.json").read_bytes()
+    code, _, err = cli(RUN + ["--resume", "--run-dir", run_dir], capsys)
+    assert_one_line_error(code, err, run_dir / "run.json", "missing")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    assert (run_dir / "config.json").read_bytes() == before
+
+
 def test_resume_with_corrupt_config_json_names_file_and_line(capsys, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
