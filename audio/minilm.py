@@ -45,7 +45,7 @@ import trainkit  # noqa: F401  (parameters keep logical axes as metadata)
 from trainkit.checkpoint import CheckpointError
 from trainkit.config import Config, ConfigError, field
 from trainkit.nn.keymap import (SAME, Flatten, KeyRule, Linear, MissingTensorError, TensorShapeError,
-                                find_rule, open_safetensors, read_config_json)
+                                check_json_file, find_rule, open_safetensors, read_config_json)
 from trainkit.nn.layers import Dense, Embed, LayerNorm, dot_product_attention
 
 __all__ = [
@@ -397,6 +397,7 @@ def load_tokenizer(path: str | os.PathLike | None = None, max_length: int = MAX_
     root = Path(path) if path is not None else default_model_dir()
     tj = root / "tokenizer.json"
     if tj.exists():
+        check_json_file(tj)  # tokenizers' own error names neither the file nor the cause
         tok = Tokenizer.from_file(str(tj))
     elif (root / "vocab.txt").exists():
         from transformers import BertTokenizerFast

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from trainkit.nn.keymap import check_json_file
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -51,6 +53,8 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer_config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        check_json_file(path / name, TokenizerError)  # name the damaged file, not just the dir
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises many types for unreadable files

@@ -59,6 +59,20 @@ def read_config_json(root: Path) -> dict[str, Any]:
     return hf
 
 
+def check_json_file(path: Path, error: type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` naming ``path`` (and the line) if ``path`` exists but is not valid JSON,
+    as a truncated download or copy leaves it; a missing file is left to the caller."""
+    if not Path(path).is_file():
+        return
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: line {err.lineno}: not valid JSON ({err.msg}); the file is damaged "
+                    "or incomplete: copy or save it again") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; the file is damaged: copy or save it again") from None
+
+
 def open_safetensors(path: Path):
     """``safe_open(path, framework="numpy")``; a truncated or otherwise unreadable file raises
     :class:`CheckpointError` naming it instead of safetensors' own error (which names neither
