@@ -12,10 +12,16 @@ rebuilt from the template.
 
 :class:`StopSignal` turns SIGTERM/SIGINT into a flag the training loop checks between
 chunks: it then saves and exits cleanly (a second signal aborts at once).
+
+Fault injection: with ``TRAINKIT_FAULT_KILL_AFTER_SAVES=N`` in the environment the process
+sends itself SIGKILL right after its N-th checkpoint is on disk (the reliability sweep,
+tests/experiments/test_kill_resume_sweep.py, kills every experiment this way at a
+deterministic point).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from trainkit.run import checkpoint_path, is_url  # noqa: F401  (is_url: re-exported)
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +86,7 @@ class Checkpointer:
                  async_save: bool = True):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_path(directory)
         self.save_every = save_every
         self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -106,6 +114,9 @@ class Checkpointer:
                                   extra=ocp.args.JsonSave(dict(extra or {})))
         self._manager.save(step, args=args, force=True)
         self._last_saved = step
+        if _fault_kill_due():
+            self._manager.wait_until_finished()  # the checkpoint is on disk, then die
+            os.kill(os.getpid(), signal.SIGKILL)
         return True
 
     def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
@@ -134,11 +145,24 @@ class Checkpointer:
         self._manager.close()
 
 
+_saves_in_process = 0
+
+
+def _fault_kill_due() -> bool:
+    """True when TRAINKIT_FAULT_KILL_AFTER_SAVES=N is set and this is the process's N-th save."""
+    global _saves_in_process
+    limit = os.environ.get("TRAINKIT_FAULT_KILL_AFTER_SAVES")
+    if not limit:
+        return False
+    _saves_in_process += 1
+    return _saves_in_process >= int(limit)
+
+
 def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tuple[int, Any]:
     """Read a saved train state as nested dicts of numpy arrays, on any topology (a state
     saved by 2 hosts or 8 devices reads on one CPU). For inspection, export and tests; to
     continue training use :meth:`Checkpointer.restore`, which rebuilds shardings and keys."""
-    directory = Path(run_checkpoints_dir)
+    directory = checkpoint_path(run_checkpoints_dir)
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
         if directory.is_dir() else []
     if not steps or (step is not None and step not in steps):

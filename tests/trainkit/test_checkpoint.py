@@ -94,3 +94,33 @@ def test_stop_signal_sets_flag_instead_of_killing():
     # the handlers that were there before come back (not merely "some other handler")
     assert signal.getsignal(signal.SIGTERM) is previous_term
     assert signal.getsignal(signal.SIGINT) is previous_int
+
+
+_KILL_CHILD = """
+import sys
+import jax.numpy as jnp
+from trainkit.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], save_every=1)
+for step in (1, 2, 3):
+    ckpt.save(step, {"w": jnp.full((4,), step)}, force=True)
+ckpt.close()
+"""
+
+
+def test_fault_injection_kills_right_after_the_nth_save_is_on_disk(tmp_path):
+    """TRAINKIT_FAULT_KILL_AFTER_SAVES=2: SIGKILL after the second save completes (the
+    kill/resume sweep's deterministic kill point); both checkpoints restore, the third never
+    starts."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, child_env
+
+    env = dict(child_env(), TRAINKIT_FAULT_KILL_AFTER_SAVES="2")
+    res = subprocess.run([sys.executable, "-c", _KILL_CHILD, str(tmp_path / "ck")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1)
+    assert ckpt.all_steps() == [1, 2]
+    step, state, _ = ckpt.restore({"w": jnp.zeros((4,), jnp.int32)})
+    assert step == 2 and np.array_equal(np.asarray(state["w"]), np.full((4,), 2))

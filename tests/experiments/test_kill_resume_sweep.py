@@ -1,0 +1,95 @@
+"""Kill/resume and damaged files for every registered experiment, through the CLI (issue 24).
+
+For each experiment's ``smoke`` preset, in child processes:
+
+1. an uninterrupted reference run;
+2. the same run SIGKILLed right after its first checkpoint reaches disk
+   (``TRAINKIT_FAULT_KILL_AFTER_SAVES=1``, see trainkit.checkpoint), then ``--resume``: the
+   final ``params_sha256`` and metrics must equal the reference's (bitwise: CPU runs are
+   deterministic);
+3. a copy of the killed run directory whose latest checkpoint is truncated: ``--resume``
+   must either finish with the reference's result (falling back to an older checkpoint) or
+   exit 2 with one line naming the checkpoint; the files already saved stay as they were;
+4. the reference run's metrics.jsonl with a torn last line (a kill mid-write): ``report``
+   still works.
+
+Marked ``sweep`` and left out of ``make test`` (three smoke runs per experiment do not fit
+the 40-minute CI budget on 2 cores); run it with ``make test-sweep``. Its last table is in
+docs/reliability.md.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from experiments.registry import REGISTRY
+from tests.helpers import child_env, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.sweep, pytest.mark.timeout(3600)]
+
+NAMES = sorted(REGISTRY)
+
+
+def _summary(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["params_sha256"], summary["final"]
+
+
+def _checkpoint_files(run_dir):
+    return {p: p.read_bytes() for p in sorted((run_dir).rglob("checkpoints/**/*")) if p.is_file()}
+
+
+def _latest_checkpoint(run_dir):
+    steps = [p for p in run_dir.rglob("checkpoints/*") if p.is_dir() and p.name.isdigit()]
+    assert steps, f"no checkpoint under {run_dir}"
+    return max(steps, key=lambda p: (p.stat().st_mtime_ns, int(p.name)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kill_resume_and_damaged_files(name, tmp_path):
+    env = child_env()
+    smoke = ["run", name, "--preset", "smoke"]
+
+    ref = tmp_path / "ref"
+    res = run_cli([*smoke, "--run-dir", str(ref)], env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref_hash, ref_final = _summary(ref)
+
+    killed = tmp_path / "killed"
+    res = run_cli([*smoke, "--run-dir", str(killed)], dict(env, TRAINKIT_FAULT_KILL_AFTER_SAVES="1"), timeout=900)
+    assert res.returncode == -9, (
+        f"{name}: the smoke run was not killed after its first checkpoint (exit {res.returncode}): "
+        "it saves no checkpoint, so it cannot resume")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(killed, damaged)
+
+    res = run_cli(["run", name, "--run-dir", str(killed), "--resume"], env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got_hash, got_final = _summary(killed)
+    assert got_hash == ref_hash, f"{name}: resumed params differ from the uninterrupted run's"
+    assert got_final == ref_final
+
+    latest = _latest_checkpoint(damaged)
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = _checkpoint_files(damaged)
+    res = run_cli(["run", name, "--run-dir", str(damaged), "--resume"], env, timeout=900)
+    print(f"SWEEP {name}: kill/resume exact; damaged latest checkpoint -> "
+          + ("fell back, same result" if res.returncode == 0 else f"exit {res.returncode}: {res.stderr.strip()[:200]}"))
+    if res.returncode == 0:
+        assert _summary(damaged)[0] == ref_hash, f"{name}: fell back, but to a different result"
+    else:
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr[-3000:]
+        assert str(latest) in lines[0] or latest.name in lines[0], lines[0]
+        assert _checkpoint_files(damaged) == before, "a failed resume must not change saved files"
+
+    metrics = ref / "metrics.jsonl"
+    if metrics.exists():
+        with open(metrics, "a") as fh:
+            fh.write('{"step": 99999, "loss": 0.')  # torn: the writer died mid-line
+    res = run_cli(["report", str(ref)], env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
