@@ -14,34 +14,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# Two-sided 95% Student-t quantiles for n-1 degrees of freedom (n = number of seeds).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def _t95(dof: int) -> float:
-    if dof in _T95:
-        return _T95[dof]
-    smaller = [d for d in _T95 if d <= dof]
-    return _T95[max(smaller)] if dof < 30 else 1.96
-
-
 def mean_and_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over axis 0 (seeds) and the half-width of its 95% confidence interval."""
+    """Mean over axis 0 (seeds) and the half-width of its 95% Student-t interval
+    (:func:`trainkit.stats.mean_ci`; NaN entries left out per column). A 1-D input is one
+    seed's curve (no interval): pass ``[seeds, 1]`` for a scalar per seed."""
+    from trainkit.stats import mean_ci
+
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 1:
-        values = values[None]
-    # NaN entries (e.g. a seed with no finished episode yet) are left out column by column:
-    # the mean and the interval use the n finite seeds of each column (NaN mean if none,
-    # zero half-width if fewer than 2)
-    finite = np.isfinite(values)
-    n = finite.sum(axis=0)
-    filled = np.where(finite, values, 0.0)
-    mean = np.where(n > 0, filled.sum(axis=0) / np.maximum(n, 1), np.nan)
-    sq = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
-    std = np.sqrt(sq / np.maximum(n - 1, 1))
-    t = np.array([_t95(int(k) - 1) if k >= 2 else 0.0 for k in np.ravel(n)]).reshape(n.shape)
-    return mean, np.where(n >= 2, t * std / np.sqrt(np.maximum(n, 1)), 0.0)
+    mean, half, _ = mean_ci(values[None] if values.ndim == 1 else values)
+    return mean, half
 
 
 def _pyplot():
