@@ -278,21 +278,28 @@ def control() -> DLCExpConfig:
 
 
 def paper() -> DLCExpConfig:
-    """The paper's scale, as a config for accelerators (not run here). SEM: a ViT-B encoder
-    (DINOv2 recipe: Sinkhorn-Knopp teacher, KoLeo 0.1, 224 px, 14 px patches, width 768, 12
-    blocks) with SEM codes of L=32 tokens over V=4096 (the paper's ImageNet DLC); DiT-XL/2
-    (28 blocks of width 1152, 16 heads, patch 2) conditioned on those codes with CFG dropout
-    0.1 (the paper runs it on 32x32x4 SD-VAE latents; here pixels of the 32x32 shapes unless
-    the data are replaced); an MDLM code generator of 12 blocks of width 768 (the paper's
-    SEDD-absorb prior has the same absorbing forward process). Batch sizes, steps and learning
-    rates follow DiT (lr 1e-4, batch 256, 400k steps) and DINO (batch 1024)."""
-    vit = vd.ViTConfig(image_size=224, patch_size=14, dim=768, depth=12, heads=12, mlp_ratio=4,
+    """The paper's scale, as a config for accelerators (not run here), following the official
+    release (github.com/sarvghotra/DiscreteLatentCode: the DLC dataset and DiT it ships use codes
+    of L=512 tokens over V=256, from a DINOv2 ViT-L/14 SEM encoder): SEM encoder ViT-L/14
+    (width 1024, 24 blocks, 16 heads, 224 px; DINOv2 recipe: Sinkhorn-Knopp teacher, KoLeo 0.1)
+    with SEM codes 512 x 256; DiT-XL/2 (28 blocks of width 1152, 16 heads, patch 2) conditioned
+    on those codes with CFG dropout 0.1; a code generator of 12 blocks of width 768 over the
+    512 codes after a 16-token caption prefix. Batch sizes, steps and learning rates follow DiT
+    (lr 1e-4, batch 256, 400k steps) and DINO (batch 1024).
+
+    Differences from the paper that remain, each a limit of this project's setting:
+    the official SEM encoder is *fine-tuned* from pretrained DINOv2 weights (here trained from
+    scratch: no weights are downloaded); its DiT runs on 32x32x4 SD-VAE latents (here pixels of
+    the rendered shapes unless the data are replaced); its code prior is SEDD-absorb (here
+    MDLM, the same absorbing forward process with a different training objective); its data
+    are ImageNet-1k (here the rendered shapes, 1M images)."""
+    vit = vd.ViTConfig(image_size=224, patch_size=14, dim=1024, depth=24, heads=16, mlp_ratio=4,
                        kernel_init="dino")
     dino = dataclasses.replace(vd.DINOConfig.paper(), vit=vit,
-                               sem=SEMConfig(num_groups=32, group_size=4096, tau=1.0),
+                               sem=SEMConfig(num_groups=512, group_size=256, tau=1.0),
                                global_size=224, local_size=98, centering="sinkhorn",
                                koleo_weight=0.1)
-    dit_model = dataclasses.replace(dit.DiTConfig.paper(), code_length=32, vocab_size=4096)
+    dit_model = dataclasses.replace(dit.DiTConfig.paper(), code_length=512, vocab_size=256)
     return DLCExpConfig(
         data=DataConfig(num_train=1_000_000, num_test=50_000),
         sem=SEMStageConfig(dino=dino, steps=125_000),
@@ -300,7 +307,7 @@ def paper() -> DLCExpConfig:
                            train=dit.DiTTrainConfig(learning_rate=1e-4, batch_size=256,
                                                     ema_decay=0.9999),
                            steps=400_000),
-        codes=CodeStageConfig(model=cd.CodeDenoiserConfig(vocab_size=4096, length=48, dim=768,
+        codes=CodeStageConfig(model=cd.CodeDenoiserConfig(vocab_size=256, length=512 + 16, dim=768,
                                                           depth=12, heads=12),
                               steps=400_000, batch_size=512, lr=3e-4, warmup_steps=2500,
                               sample_steps=128),
