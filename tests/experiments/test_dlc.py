@@ -114,7 +114,7 @@ def test_config_cross_checks_name_the_field():
     with pytest.raises(ConfigError, match="sem.encoder"):
         apply_overrides(D.smoke(), ["sem.encoder=labels"])
     p = D.paper().sem.dino.sem
-    assert (p.num_groups, p.group_size) == (32, 4096)
+    assert (p.num_groups, p.group_size) == (512, 256)  # the official release's DLC shape
     assert D.paper().dit.model.depth == 28 and D.paper().dit.model.dim == 1152
 
 
