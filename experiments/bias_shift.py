@@ -392,6 +392,9 @@ class Stages:
                 pickle.dump(params, fh)
         write_json(d / "info.json", info or {})
         write_json(d / "done.json", {"stage": name, "seconds": seconds})
+        from trainkit.checkpoint import fault_point  # (orbax: imported only here)
+
+        fault_point()  # the reliability sweep's kill point (a no-op unless asked)
         self.seconds[name] = seconds
         print(f"bias_shift: stage {name}: {seconds} s", flush=True)
         return arrays or {}, params, info or {}

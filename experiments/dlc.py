@@ -424,6 +424,9 @@ class Stages:
             (d / "params.pkl.tmp").replace(d / "params.pkl")
         write_json(d / "info.json", info or {})
         write_json(d / "done.json", {"stage": name, "seconds": round(seconds, 1)})
+        from trainkit.checkpoint import fault_point  # (orbax: imported only here)
+
+        fault_point()  # the reliability sweep's kill point (a no-op unless asked)
 
     def load(self, name: str) -> tuple[dict, Any, dict]:
         d = self.root / name

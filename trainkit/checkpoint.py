@@ -14,7 +14,8 @@ rebuilt from the template.
 chunks: it then saves and exits cleanly (a second signal aborts at once).
 
 Fault injection: with ``TRAINKIT_FAULT_KILL_AFTER_SAVES=N`` in the environment the process
-sends itself SIGKILL right after its N-th checkpoint is on disk (the reliability sweep,
+sends itself SIGKILL right after its N-th save is on disk (:func:`fault_point`; stage stores
+of experiments call it too; the reliability sweep,
 tests/experiments/test_kill_resume_sweep.py, kills every experiment this way at a
 deterministic point).
 """
@@ -114,9 +115,9 @@ class Checkpointer:
                                   extra=ocp.args.JsonSave(dict(extra or {})))
         self._manager.save(step, args=args, force=True)
         self._last_saved = step
-        if _fault_kill_due():
-            self._manager.wait_until_finished()  # the checkpoint is on disk, then die
-            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(FAULT_ENV):
+            self._manager.wait_until_finished()  # the checkpoint is on disk, then maybe die
+            fault_point()
         return True
 
     def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
@@ -145,17 +146,21 @@ class Checkpointer:
         self._manager.close()
 
 
+FAULT_ENV = "TRAINKIT_FAULT_KILL_AFTER_SAVES"
 _saves_in_process = 0
 
 
-def _fault_kill_due() -> bool:
-    """True when TRAINKIT_FAULT_KILL_AFTER_SAVES=N is set and this is the process's N-th save."""
+def fault_point() -> None:
+    """Call after any completed save (a :class:`Checkpointer` step, an experiment's finished
+    stage): with ``TRAINKIT_FAULT_KILL_AFTER_SAVES=N`` set, the N-th call of the process
+    sends it SIGKILL. A no-op otherwise."""
     global _saves_in_process
-    limit = os.environ.get("TRAINKIT_FAULT_KILL_AFTER_SAVES")
+    limit = os.environ.get(FAULT_ENV)
     if not limit:
-        return False
+        return
     _saves_in_process += 1
-    return _saves_in_process >= int(limit)
+    if _saves_in_process >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tuple[int, Any]:

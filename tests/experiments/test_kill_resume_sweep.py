@@ -41,9 +41,12 @@ def _checkpoint_files(run_dir):
 
 
 def _latest_checkpoint(run_dir):
-    steps = [p for p in run_dir.rglob("checkpoints/*") if p.is_dir() and p.name.isdigit()]
-    assert steps, f"no checkpoint under {run_dir}"
-    return max(steps, key=lambda p: (p.stat().st_mtime_ns, int(p.name)))
+    """The most recently written entry of any ``checkpoints/`` directory of the run: an orbax
+    step directory, or a finished stage of a stage store (bias_shift, dlc)."""
+    entries = [p for ck in run_dir.rglob("checkpoints") if ck.is_dir() for p in ck.iterdir() if p.is_dir()]
+    assert entries, f"no checkpoint under {run_dir}"
+    newest = lambda p: max((f.stat().st_mtime_ns for f in p.rglob("*") if f.is_file()), default=0)
+    return max(entries, key=newest)
 
 
 @pytest.mark.parametrize("name", NAMES)
