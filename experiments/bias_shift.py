@@ -366,13 +366,9 @@ class Stages:
         self.seconds: dict[str, float] = {}
 
     def load(self, name: str):
-        d = self.root / name
-        arrays = dict(np.load(d / "arrays.npz")) if (d / "arrays.npz").exists() else {}
-        params = None
-        if (d / "params.pkl").exists():
-            with open(d / "params.pkl", "rb") as fh:
-                params = pickle.load(fh)
-        return arrays, params, read_json(d / "info.json")
+        from trainkit.checkpoint import read_stage
+
+        return read_stage(self.root / name)
 
     def run(self, name: str, fn: Callable[[], tuple]):
         d = self.root / name

@@ -429,15 +429,9 @@ class Stages:
         fault_point()  # the reliability sweep's kill point (a no-op unless asked)
 
     def load(self, name: str) -> tuple[dict, Any, dict]:
-        d = self.root / name
-        arrays = {}
-        if (d / "arrays.npz").exists():
-            arrays = dict(np.load(d / "arrays.npz", allow_pickle=False))
-        params = None
-        if (d / "params.pkl").exists():
-            with open(d / "params.pkl", "rb") as fh:
-                params = pickle.load(fh)
-        return arrays, params, read_json(d / "info.json")
+        from trainkit.checkpoint import read_stage
+
+        return read_stage(self.root / name)
 
     def run(self, name: str, fn: Callable[[], tuple[dict | None, Any, dict | None]]
             ) -> tuple[dict, Any, dict]:

@@ -163,6 +163,37 @@ def fault_point() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def read_stage(directory: str | Path) -> tuple[dict, Any, dict]:
+    """The files of one finished stage of an experiment's stage store (``arrays.npz``,
+    ``params.pkl``, ``info.json``; the dlc and bias_shift experiments): ``(arrays, params,
+    info)``, absent files giving ``{}`` / None. A damaged file raises :class:`CheckpointError`
+    naming it and what to do, never the reader's own error."""
+    import json
+    import pickle
+    import zipfile
+
+    d = Path(directory)
+    current = d
+    try:
+        arrays: dict = {}
+        if (d / "arrays.npz").exists():
+            current = d / "arrays.npz"
+            with np.load(current, allow_pickle=False) as npz:
+                arrays = dict(npz)
+        params = None
+        if (d / "params.pkl").exists():
+            current = d / "params.pkl"
+            with open(current, "rb") as fh:
+                params = pickle.load(fh)
+        current = d / "info.json"
+        info = json.loads(current.read_text())
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{current}: cannot be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}); the stage is "
+                              f"damaged: delete {d} to recompute it with --resume") from None
+    return arrays, params, info
+
+
 def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tuple[int, Any]:
     """Read a saved train state as nested dicts of numpy arrays, on any topology (a state
     saved by 2 hosts or 8 devices reads on one CPU). For inspection, export and tests; to

@@ -124,3 +124,25 @@ def test_fault_injection_kills_right_after_the_nth_save_is_on_disk(tmp_path):
     assert ckpt.all_steps() == [1, 2]
     step, state, _ = ckpt.restore({"w": jnp.zeros((4,), jnp.int32)})
     assert step == 2 and np.array_equal(np.asarray(state["w"]), np.full((4,), 2))
+
+
+@pytest.mark.parametrize("damaged", ["arrays.npz", "params.pkl", "info.json"])
+def test_read_stage_names_the_damaged_file(tmp_path, damaged):
+    """Stage stores (dlc, bias_shift): a truncated file of a finished stage is a CheckpointError
+    naming it, not numpy's BadZipFile / pickle's EOFError (found by the kill/resume sweep)."""
+    import json
+    import pickle
+
+    from trainkit.checkpoint import read_stage
+
+    d = tmp_path / "stage"
+    d.mkdir()
+    np.savez_compressed(d / "arrays.npz", x=np.arange(1000))
+    (d / "params.pkl").write_bytes(pickle.dumps({"w": np.ones(100)}))
+    (d / "info.json").write_text(json.dumps({"seconds": 1.0, "note": "x" * 50}))
+    arrays, params, info = read_stage(d)
+    assert arrays["x"].sum() == 499500 and params["w"].shape == (100,) and info["seconds"] == 1.0
+    data = (d / damaged).read_bytes()
+    (d / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{damaged}: cannot be read.*delete .*stage"):
+        read_stage(d)
