@@ -7,6 +7,7 @@ stderr, no traceback), 128+signal when stopped by SIGTERM/SIGINT after checkpoin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -84,8 +85,9 @@ def _quiet_orbax() -> None:
     And when a restore fails mid-read, tensorstore reads still in flight complete into
     orbax's already closed event loop, which prints "RuntimeError: Event loop is closed"
     tracebacks as unraisable exceptions, after the error line. This drops every log record
-    that comes from the orbax package (other absl/logging output is untouched) and exactly
-    that unraisable RuntimeError. Idempotent, so in-process callers may call ``main`` again."""
+    that comes from the orbax package, tensorflow_datasets' records below ERROR (its "Using
+    custom data configuration" warning on every builder of a generated dataset), and exactly
+    that unraisable RuntimeError; other absl/logging output is untouched. Idempotent, so in-process callers may call ``main`` again."""
     import logging
 
     absl_logger = logging.getLogger("absl")
@@ -105,10 +107,14 @@ def _quiet_orbax() -> None:
 
 
 class _DropOrbaxRecords:
-    """logging filter: drop records logged from inside the orbax package."""
+    """logging filter: drop records logged from inside the orbax package, and those below
+    ERROR from inside tensorflow_datasets."""
 
     def filter(self, record) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        return not (f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname
+                    and record.levelno < logging.ERROR)
 
 
 def _fail(message: str) -> int:
