@@ -11,7 +11,10 @@ with RL, once per method in ``grid.methods`` and per seed, each in its own resum
 - ``ppo-mini``: PPO with one mini-critic;
 - ``asyppo-m2`` / ``asyppo-m4``: AsyPPO with 2 / 4 mini-critics, masks k = ``rl.k``,
   h = ``rl.h``; ablations ``asyppo-m2-nomask`` (k = 0), ``asyppo-m2-nofilter`` (h = 0) and
-  ``asyppo-m2-plain`` (k = h = 0: the ensemble mean only).
+  ``asyppo-m2-plain`` (k = h = 0: the ensemble mean only);
+- the k/h sweep: ``asyppo-mM-kK-hH`` (M critics, k = K%, h = H%), named in ``grid.methods`` or
+  generated for every pair of ``grid.sweep_k`` x ``grid.sweep_h`` (preset ``kh_sweep``: k, h
+  in {0, 20%, 50%} at reduced cpu scale), reported as k x h tables of mean +- 95% CI.
 
 All PPO variants run through one trainer (:func:`llm_rl.asyppo.make_iteration`; with one
 critic and k = h = 0 it is :mod:`llm_rl.ppo`'s update, tested), with the same KL
@@ -28,6 +31,7 @@ iteration, and the critics' parameter and optimizer-state memory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +41,7 @@ import optax
 from flax import nnx
 
 from experiments import kl_estimators, lm_pretrain
-from experiments.registry import Experiment, RunContext, RunResult, UserError
+from experiments.registry import Experiment, RunContext, RunResult
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, count_params, fit
@@ -54,6 +58,27 @@ METHODS = {
     "asyppo-m2-nofilter": ("ppo", 2, "mini", True, False),
     "asyppo-m2-plain": ("ppo", 2, "mini", False, False),
 }
+# k/h sweep cells: AsyPPO with M mini-critics, k = K% and h = H% (grid.sweep_k x grid.sweep_h,
+# or named directly in grid.methods).
+SWEEP_NAME = re.compile(r"asyppo-m(\d+)-k(\d+)-h(\d+)")
+
+
+def sweep_name(k: float, h: float, num_critics: int = 2) -> str:
+    return f"asyppo-m{num_critics}-k{round(100 * k)}-h{round(100 * h)}"
+
+
+def method_spec(name: str, k: float = 0.2, h: float = 0.2
+                ) -> tuple[str, int, str | None, float, float]:
+    """(trainer, number of critics, critic size, k, h) of a method name: a row of METHODS
+    (k, h = the given rl.k / rl.h where the method uses them, else 0) or a sweep cell
+    ``asyppo-mM-kK-hH`` (K, H in percent). Raises KeyError for anything else."""
+    if name in METHODS:
+        kind, m, size, uses_k, uses_h = METHODS[name]
+        return kind, m, size, k if uses_k else 0.0, h if uses_h else 0.0
+    match = SWEEP_NAME.fullmatch(name)
+    if match is None or int(match[1]) < 2 or int(match[2]) >= 100 or int(match[3]) >= 100:
+        raise KeyError(name)
+    return "ppo", int(match[1]), "mini", int(match[2]) / 100, int(match[3]) / 100
 
 
 def _mini_pretrain_smoke() -> lm_pretrain.LMPretrainConfig:
@@ -110,14 +135,32 @@ class RLConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class GridConfig(Config):
     methods: tuple[str, ...] = field(("grpo", "ppo-mini", "asyppo-m2"),
-                                     help="any of: " + ", ".join(METHODS))
+                                     help="any of: " + ", ".join(METHODS) + ", or a sweep cell "
+                                          "asyppo-mM-kK-hH (M >= 2 critics, k = K%, h = H%)")
+    sweep_k: tuple[float, ...] = field((), help="k/h sweep: AsyPPO M=2 at every (k, h) of "
+                                                "sweep_k x sweep_h, added to methods")
+    sweep_h: tuple[float, ...] = field((), help="see sweep_k")
 
     def validate(self):
-        if not self.methods:
-            raise self.invalid("methods", "must name at least one method")
+        if bool(self.sweep_k) != bool(self.sweep_h):
+            raise self.invalid("sweep_k", "sweep_k and sweep_h must both be set or both empty")
+        for key in ("sweep_k", "sweep_h"):
+            for v in getattr(self, key):
+                if not 0 <= v < 1 or abs(100 * v - round(100 * v)) > 1e-9:
+                    raise self.invalid(key, "each must be a whole percent in [0, 0.99]")
+        if not self.all_methods():
+            raise self.invalid("methods", "must name at least one method (or set a sweep)")
         for name in self.methods:
-            if name not in METHODS:
-                raise self.invalid("methods", "each must be one of " + ", ".join(METHODS))
+            try:
+                method_spec(name)
+            except KeyError:
+                raise self.invalid("methods", "each must be one of " + ", ".join(METHODS)
+                                   + " or asyppo-mM-kK-hH (M >= 2, K and H < 100)") from None
+
+    def all_methods(self) -> tuple[str, ...]:
+        """methods, then the sweep cells (k-major), without repeats."""
+        cells = tuple(sweep_name(k, h) for k in self.sweep_k for h in self.sweep_h)
+        return tuple(dict.fromkeys(self.methods + cells))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +179,7 @@ class AsyPPOConfig(Config):
     grid: GridConfig = field(factory=GridConfig)
 
     def validate(self):
-        largest = max(METHODS[m][1] for m in self.grid.methods)
+        largest = max(method_spec(m)[1] for m in self.grid.all_methods())
         if self.rl.group_size < largest:
             raise ConfigError("rl.group_size", self.rl.group_size,
                               f"must be >= the largest ensemble in grid.methods ({largest})")
@@ -177,6 +220,15 @@ def cpu() -> AsyPPOConfig:
                     eval_every=50, chunk_size=25))
 
 
+def kh_sweep() -> AsyPPOConfig:
+    """The k/h sweep at reduced cpu scale: AsyPPO M=2 at k, h in {0, 20%, 50%} (9 cells),
+    the cpu preset's models and RL settings, 60 iterations; run with ``--seeds 3``."""
+    base = cpu()
+    return dataclasses.replace(
+        base, grid=GridConfig(methods=(), sweep_k=(0.0, 0.2, 0.5), sweep_h=(0.0, 0.2, 0.5)),
+        rl=dataclasses.replace(base.rl, iterations=60, eval_every=30, chunk_size=30))
+
+
 def paper() -> AsyPPOConfig:
     """The paper's setting: Qwen3-4B-Base actor, two Qwen3-0.6B-Base critics (local HF
     directories, set with --set base.model_dir=... --set critic.model_dir=...), group 32,
@@ -198,7 +250,7 @@ def _base_model_dir(cfg: AsyPPOConfig, ctx: RunContext) -> Path:
     """The actor's HF dir: base.model_dir, or pretrained here (kl_estimators' first stage), or
     a randomly initialised base.pretrain.model saved in HF format (base.init=random)."""
     if cfg.base.model_dir or cfg.base.init == "pretrained":
-        return kl_estimators._base_model(cfg, ctx)
+        return lm_pretrain.pretrained_model_dir(cfg.base.model_dir, cfg.base.pretrain, ctx)
     from llm_rl.models import save_pretrained
     from llm_rl.models.checkpoint import family_of_config
     from llm_rl.tokenization import char_tokenizer, save_tokenizer
@@ -214,23 +266,13 @@ def _base_model_dir(cfg: AsyPPOConfig, ctx: RunContext) -> Path:
 
 
 def _critic_model_dir(cfg: AsyPPOConfig, ctx: RunContext) -> Path | None:
+    """The mini-critics' HF dir: critic.model_dir, or critic.pretrain trained here
+    (init=pretrained); None with init=random (fresh critics of critic.pretrain.model)."""
     c = cfg.critic
-    if c.model_dir:
-        path = Path(c.model_dir)
-        if not (path / "config.json").is_file():
-            raise UserError(f"critic.model_dir={path}: no config.json (expected an HF model dir)")
-        return path
-    if c.init == "random":
+    if not c.model_dir and c.init == "random":
         return None
-    sub = RunDir(ctx.run_dir.path / "critic_base")
-    if not sub.summary_path.exists():
-        from trainkit.config import save_json
-
-        save_json(c.pretrain, sub.config_path)
-        result = lm_pretrain.run(c.pretrain, RunContext(sub, 1, ctx.resume))
-        write_json(sub.summary_path, {"final": result.metrics, "steps": result.steps})
-        lm_pretrain.report(sub)
-    return sub.path / "model"
+    return lm_pretrain.pretrained_model_dir(c.model_dir, c.pretrain, ctx, key="critic.model_dir",
+                                            subdir="critic_base")
 
 
 def _settings(cfg: AsyPPOConfig, name: str, seed: int):
@@ -243,11 +285,11 @@ def _settings(cfg: AsyPPOConfig, name: str, seed: int):
                   num_prompts=r.num_prompts, group_size=r.group_size,
                   max_new_tokens=r.max_new_tokens, temperature=r.temperature, task="arithmetic",
                   task_kwargs=(("max_ops", r.max_ops), ("max_value", r.max_value)), seed=seed)
-    kind, m, _, uses_k, uses_h = METHODS[name]
+    kind, m, _, k, h = method_spec(name, r.k, r.h)
     if kind == "grpo":
         return RLSettings(advantage="grpo", **common)
-    return AsyPPOSettings(num_critics=m, adv_mask_frac=r.k if uses_k else 0.0,
-                          ent_filter_frac=r.h if uses_h else 0.0, entropy_coef=r.entropy_coef,
+    return AsyPPOSettings(num_critics=m, adv_mask_frac=k, ent_filter_frac=h,
+                          entropy_coef=r.entropy_coef,
                           epochs=r.epochs, num_minibatches=r.num_minibatches, gamma=r.gamma,
                           lam=r.lam, **common)
 
@@ -303,8 +345,8 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
         return asyppo.init_ensemble(mini_cfg, m, seed=seed)
 
     all_params, finals, sizes = {}, {}, {}
-    for name in cfg.grid.methods:
-        kind, m, size, _, _ = METHODS[name]
+    for name in cfg.grid.all_methods():
+        kind, m, size, _, _ = method_spec(name)
         shared = None  # one compiled update per method, shared by its seeds
         for seed_index in range(ctx.seeds):
             seed = cfg.seed + seed_index
@@ -348,7 +390,7 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
             all_params[f"{name}-s{seed_index}"] = state.params
     write_json(ctx.run_dir.path / "sizes.json", sizes)
     metrics = {}
-    for name in cfg.grid.methods:
+    for name in cfg.grid.all_methods():
         for key in ("reward", "eval_accuracy", "ood_accuracy", "value_mse_ensemble"):
             values = [finals[(name, s)][key] for s in range(ctx.seeds) if key in finals[(name, s)]]
             if values:
@@ -427,9 +469,67 @@ def _compare(run_dir: RunDir, a: str, b: str, key: str, label: str) -> str | Non
     return f"- {label}: {a} {sa[0]:.3f} vs {b} {sb[0]:.3f} ({gap:+.3f}, 2 SE = {se2:.3f}): {verdict}."
 
 
+SWEEP_KEYS = (("eval_accuracy", "in-domain acc."), ("ood_accuracy", "OOD acc."),
+              ("reward", "reward (last 5)"))
+
+
+def sweep_table(run_dir: RunDir, sweep_k, sweep_h) -> dict[str, dict[tuple[float, float], tuple]]:
+    """key -> {(k, h): (mean, 95% CI half-width, seeds)} over the finished seeds of each cell
+    (:func:`trainkit.plots.mean_and_ci`)."""
+    out = {key: {} for key, _ in SWEEP_KEYS}
+    for k in sweep_k:
+        for h in sweep_h:
+            finals = _finals(run_dir, sweep_name(k, h))
+            for key, _ in SWEEP_KEYS:
+                v = np.asarray([f[key] for f in finals if key in f], np.float64)
+                if v.size:
+                    mean, ci = plots.mean_and_ci(v[:, None])  # [seeds, 1]
+                    out[key][(k, h)] = (float(mean[0]), float(ci[0]), int(v.size))
+    return out
+
+
+def _sweep_section(run_dir: RunDir, cfg: AsyPPOConfig) -> str:
+    """The k/h sweep: one k x h table per metric (mean +- 95% CI over seeds), a bar chart of
+    the in-domain accuracy, and which cell is best."""
+    g = cfg.grid
+    if not g.sweep_k:
+        return ""
+    table = sweep_table(run_dir, g.sweep_k, g.sweep_h)
+    if not table["eval_accuracy"]:
+        return ""
+    parts = ["## k/h sweep (AsyPPO M=2; mean +- 95% CI over seeds)", ""]
+    for key, label in SWEEP_KEYS:
+        cells = table[key]
+        rows = [[f"k = {round(100 * k)}%"] + [
+            f"{cells[(k, h)][0]:.3f} +- {cells[(k, h)][1]:.3f}" if (k, h) in cells else "-"
+            for h in g.sweep_h] for k in g.sweep_k]
+        parts += [f"{label}:", "", plots.markdown_table(rows, [""] + [f"h = {round(100 * h)}%"
+                                                                     for h in g.sweep_h]), ""]
+    acc = table["eval_accuracy"]
+    cells = sorted(acc)
+    best = max(cells, key=lambda c: acc[c][0])
+    worst = min(cells, key=lambda c: acc[c][0])
+    apart = lambda a, b: abs(acc[a][0] - acc[b][0]) > acc[a][1] + acc[b][1]
+    name = lambda c: f"k = {round(100 * c[0])}%, h = {round(100 * c[1])}%"
+    parts.append(f"Best in-domain cell: {name(best)} ({acc[best][0]:.3f} +- {acc[best][1]:.3f}); "
+                 f"worst {name(worst)} ({acc[worst][0]:.3f} +- {acc[worst][1]:.3f}): their 95% "
+                 + ("intervals do not overlap." if apart(best, worst) else
+                    "intervals overlap, no cell is distinguishable."))
+    if (0.0, 0.0) in acc:  # each cell against no masks at all
+        beyond = [name(c) for c in cells if c != (0.0, 0.0) and apart(c, (0.0, 0.0))]
+        parts.append("Cells whose interval does not overlap no masks (k = h = 0): "
+                     + ("; ".join(beyond) if beyond else "none") + ".")
+    plots.bar_chart(run_dir.plots_dir / "sweep_eval_accuracy.png",
+                    [f"k{round(100 * k)}/h{round(100 * h)}" for k, h in cells],
+                    [acc[c][0] for c in cells], errors=[acc[c][1] for c in cells],
+                    ylabel="in-domain greedy accuracy (95% CI)", title="asyppo: k/h sweep")
+    parts += ["", "![sweep_eval_accuracy](plots/sweep_eval_accuracy.png)"]
+    return "\n".join(parts)
+
+
 def report(run_dir: RunDir) -> str:
     cfg = load_json(AsyPPOConfig, run_dir.config_path)
-    names = cfg.grid.methods
+    names = cfg.grid.all_methods()
     base = read_json(run_dir.path / "base_eval.json") if (run_dir.path / "base_eval.json").exists() else {}
     base_acc = base.get("eval_accuracy")
     rows = [["base model (before RL)", "-", f"{base_acc:.3f}" if base_acc is not None else "-",
@@ -485,12 +585,15 @@ def report(run_dir: RunDir) -> str:
         if line:
             lines.append(line.replace("is better beyond", "is higher beyond").replace(
                 "is worse beyond", "is lower beyond"))
-    inside = [n for n in names if METHODS[n][1] > 1 and _finals(run_dir, n)]
+    inside = [n for n in names if method_spec(n)[1] > 1 and _finals(run_dir, n)]
     for n in inside:
         f = _finals(run_dir, n)
         ens, single = _stat(f, "value_mse_ensemble"), _stat(f, "value_mse_single")
         lines.append(f"- {n}, same run: ensemble mean {ens[0]:.4f} vs its average single critic "
                      f"{single[0]:.4f} ({ens[0] / max(single[0], 1e-12):.2f}x).")
+    sweep = _sweep_section(run_dir, cfg)
+    if sweep:
+        lines += ["", sweep]
     r = cfg.rl
     text = (f"# asyppo\n\nRL from the base model on arithmetic ({r.max_ops} operator(s), values up to "
             f"{r.max_value}; OOD: {r.ood_max_ops} operators), {r.iterations} iterations of "
@@ -510,7 +613,7 @@ EXPERIMENT = Experiment(
     description="AsyPPO: mini-critic ensembles that mask advantages and filter entropy by their "
                 "disagreement, vs PPO and GRPO (arXiv 2510.01656)",
     config_cls=AsyPPOConfig,
-    presets={"smoke": smoke, "cpu": cpu, "paper": paper},
+    presets={"smoke": smoke, "cpu": cpu, "kh_sweep": kh_sweep, "paper": paper},
     run=run,
     report=report,
 )

@@ -20,7 +20,6 @@ each configuration is in docs/kl_estimators.md (``python -m llm_rl.kl.oracle``).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import optax
@@ -28,7 +27,7 @@ from flax import nnx
 
 from experiments import lm_pretrain
 from experiments.registry import Experiment, RunContext, RunResult, UserError
-from trainkit import plots
+from trainkit import plots, stats
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
@@ -120,23 +119,6 @@ def paper() -> KLEstimatorsConfig:
                     eval_every=100, chunk_size=50))
 
 
-def _base_model(cfg: KLEstimatorsConfig, ctx: RunContext) -> Path:
-    if cfg.base.model_dir:
-        path = Path(cfg.base.model_dir)
-        if not (path / "config.json").is_file():
-            raise UserError(f"base.model_dir={path}: no config.json (expected an lm_pretrain model/ dir)")
-        return path
-    base_dir = RunDir(ctx.run_dir.path / "base")
-    if not base_dir.summary_path.exists():
-        from trainkit.config import save_json
-
-        save_json(cfg.base.pretrain, base_dir.config_path)
-        result = lm_pretrain.run(cfg.base.pretrain, RunContext(base_dir, 1, ctx.resume))
-        write_json(base_dir.summary_path, {"final": result.metrics, "steps": result.steps})
-        lm_pretrain.report(base_dir)
-    return base_dir.path / "model"
-
-
 def _settings(cfg: KLEstimatorsConfig, name: str, seed: int):
     from llm_rl.rl import RLSettings
 
@@ -205,7 +187,7 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     from llm_rl.rl import greedy_accuracy, init_state, make_iteration
     from llm_rl.tokenization import load_tokenizer
 
-    model_dir = _base_model(cfg, ctx)
+    model_dir = lm_pretrain.pretrained_model_dir(cfg.base.model_dir, cfg.base.pretrain, ctx)
     ref_model, _ = from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     graphdef, ref_params = nnx.split(ref_model, nnx.Param)
@@ -320,15 +302,22 @@ def _final_values(run_dir: RunDir, names, key) -> list[float]:
     return out
 
 
-def _stat(run_dir: RunDir, group, key) -> tuple[float, float, int]:
-    """(mean, std, n) of a final metric over every finished run of the configurations in group."""
-    v = _final_values(run_dir, group, key)
-    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), 0.0, 0)
+def _ci_text(values) -> str:
+    """``mean +- half-width (n=...)``: the 95% t-interval over seeds (trainkit.stats)."""
+    mean, half, n = stats.mean_ci(np.asarray(values, float))
+    return f"{float(mean):.3f} +- {float(half):.3f} (n={int(n)})" if n else "-"
 
 
-def _two_se(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
-    """Two standard errors of the difference of two means (std, n from :func:`_stat`)."""
-    return 2 * float(np.sqrt(a[1] ** 2 / max(a[2], 1) + b[1] ** 2 / max(b[2], 1)))
+def _difference(run_dir: RunDir, a: str, b: str, key: str) -> tuple[float, float, float] | None:
+    """Welch 95% interval of mean(a) - mean(b) over seeds; None with fewer than 2 seeds each."""
+    va, vb = _final_values(run_dir, [a], key), _final_values(run_dir, [b], key)
+    return stats.difference_ci(va, vb) if len(va) >= 2 and len(vb) >= 2 else None
+
+
+def _interval_words(d: tuple[float, float, float]) -> str:
+    diff, low, high = d
+    side = "above 0" if low > 0 else "below 0" if high < 0 else "contains 0"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] ({side})"
 
 
 def _finished(run_dir: RunDir, names) -> list[str]:
@@ -336,7 +325,10 @@ def _finished(run_dir: RunDir, names) -> list[str]:
 
 
 def _findings(run_dir: RunDir, names) -> str:
-    """The paper's claims, checked against this run's numbers (mean +- std over runs)."""
+    """The paper's claim (unbiased KL gradients train better than biased ones), checked pair by
+    pair: for every unbiased x biased configuration, the Welch 95% interval over seeds of the
+    difference in final accuracy. Seeds are the unit of replication; configurations are never
+    pooled (one collapsed arm would carry a pooled mean)."""
     done = _finished(run_dir, names)
     unbiased = [n for n in done if n in UNBIASED]
     biased = [n for n in done if n in BIASED]
@@ -345,41 +337,50 @@ def _findings(run_dir: RunDir, names) -> str:
         return "\n".join(lines + ["Needs finished runs of at least one unbiased (k1-reward, k1-both, "
                                   "k3-both) and one biased (k1-loss, k3-reward, k3-loss, k2-*) "
                                   f"configuration; finished here: {', '.join(done) or 'none'}."])
-
-    def stat(group, key):
-        return _stat(run_dir, group, key)
-
-    rows = []
-    for key, label in (("eval_accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
-                       ("kl_k3", "KL to reference (k3)"), ("grad_norm", "gradient norm")):
-        (mu_u, sd_u, n_u), (mu_b, sd_b, n_b) = stat(unbiased, key), stat(biased, key)
-        rows.append([label, f"{mu_u:.3f} +- {sd_u:.3f} (n={n_u})", f"{mu_b:.3f} +- {sd_b:.3f} (n={n_b})",
-                     f"{mu_u - mu_b:+.3f}"])
-    lines.append(plots.markdown_table(rows, ["final (last 5 iterations / last eval)",
-                                             f"unbiased: {', '.join(unbiased)}",
-                                             f"biased: {', '.join(biased)}", "difference"]))
-    acc_u, acc_b = stat(unbiased, "eval_accuracy"), stat(biased, "eval_accuracy")
-    ood_u, ood_b = stat(unbiased, "ood_accuracy"), stat(biased, "ood_accuracy")
-    pooled = lambda a, b: np.sqrt(a[1] ** 2 / max(a[2], 1) + b[1] ** 2 / max(b[2], 1))
-    verdict = []
-    for label, u, b in (("in-domain", acc_u, acc_b), ("out-of-domain", ood_u, ood_b)):
-        gap, se = u[0] - b[0], pooled(u, b)
-        if gap > 2 * se and gap > 0:
-            verdict.append(f"{label}: unbiased configurations are more accurate by {gap:.3f} "
-                           f"(> 2 standard errors, {se:.3f}): consistent with the paper.")
-        elif gap < -2 * se:
-            verdict.append(f"{label}: biased configurations are more accurate by {-gap:.3f} "
-                           f"(> 2 standard errors, {se:.3f}): the paper's finding does not reproduce here.")
-        else:
-            verdict.append(f"{label}: the difference {gap:+.3f} is within 2 standard errors ({se:.3f}): "
-                           "no clear effect at this scale.")
-    lines += ["", *[f"- {v}" for v in verdict]]
+    rows = [[n, "unbiased" if n in UNBIASED else "biased" if n in BIASED else "no KL"]
+            + [_ci_text(_final_values(run_dir, [n], key)) for key in ("eval_accuracy", "ood_accuracy", "kl_k3")]
+            for n in done]
+    lines.append(plots.markdown_table(rows, ["configuration", "KL gradient", "in-domain acc.",
+                                             "OOD acc.", "KL k3 (last 5)"]))
+    lines += ["", "Mean +- 95% t-interval half-width over seeds. Differences (unbiased - biased), "
+              "Welch 95% interval over seeds:", ""]
+    tally = {"eval_accuracy": [0, 0, 0], "ood_accuracy": [0, 0, 0]}  # favours unbiased, biased, unresolved
+    for u in unbiased:
+        for b in biased:
+            parts = []
+            for key, label in (("eval_accuracy", "in-domain"), ("ood_accuracy", "OOD")):
+                d = _difference(run_dir, u, b, key)
+                if d is None:
+                    parts.append(f"{label}: fewer than 2 seeds")
+                    continue
+                tally[key][0 if d[1] > 0 else 1 if d[2] < 0 else 2] += 1
+                parts.append(f"{label} {_interval_words(d)}")
+            lines.append(f"- {u} - {b}: " + "; ".join(parts))
+    lines.append("")
+    for key, label in (("eval_accuracy", "In-domain"), ("ood_accuracy", "OOD")):
+        up, down, unresolved = tally[key]
+        lines.append(f"- {label}: of {up + down + unresolved} pairs with >= 2 seeds each, the unbiased "
+                     f"configuration is more accurate in {up}, less accurate in {down}, unresolved "
+                     f"(interval contains 0) in {unresolved}.")
+    base = read_json(run_dir.path / "base_eval.json") if (run_dir.path / "base_eval.json").exists() else {}
+    if "eval_accuracy" in base:
+        means = {n: float(np.mean(_final_values(run_dir, [n], "eval_accuracy"))) for n in done}
+        below = [n for n, m in means.items() if m < base["eval_accuracy"]]
+        if len(below) == len(means):
+            lines.append(f"- RL lowered in-domain accuracy below the base model's "
+                         f"({base['eval_accuracy']:.3f}) in every configuration: this run ranks how "
+                         "well each KL configuration limits the damage; it cannot show that an "
+                         "estimator makes RL *improve* the policy as the paper reports.")
+        elif below:
+            lines.append(f"- Below the base model's in-domain accuracy ({base['eval_accuracy']:.3f}) after "
+                         f"RL: {', '.join(below)}.")
     return "\n".join(lines)
 
 
 def _staleness_findings(run_dir: RunDir, names, staleness: int) -> str:
     """The paper's asynchronous-RL claim (KL regularisation stabilises training on stale
-    rollouts), checked here: each finished KL configuration against ``none``."""
+    rollouts), checked here: each finished KL configuration against ``none`` (Welch 95%
+    interval over seeds of the difference in final in-domain accuracy)."""
     lines = [f"## Does KL regularisation stabilise stale training (staleness {staleness})?", ""]
     done = _finished(run_dir, names)
     kl_configs = [n for n in done if n != "none"]
@@ -388,22 +389,22 @@ def _staleness_findings(run_dir: RunDir, names, staleness: int) -> str:
                                   f"finished here: {', '.join(done) or 'none'}."])
     keys = (("eval_accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
             ("reward", "reward (last 5)"), ("kl_k3", "KL to reference (k3)"))
-    rows = [[label] + [f"{m:.3f} +- {sd:.3f} (n={n})" for m, sd, n in
-                       (_stat(run_dir, [c], key) for c in ["none", *kl_configs])]
+    rows = [[label] + [_ci_text(_final_values(run_dir, [c], key)) for c in ["none", *kl_configs]]
             for key, label in keys]
     lines.append(plots.markdown_table(rows, ["final (last 5 iterations / last eval)", "none",
                                              *kl_configs]))
     lines.append("")
-    base = _stat(run_dir, ["none"], "eval_accuracy")
-    base_kl = _stat(run_dir, ["none"], "kl_k3")
+    base_kl = float(np.mean(_final_values(run_dir, ["none"], "kl_k3")))
     for c in kl_configs:
-        acc, kl = _stat(run_dir, [c], "eval_accuracy"), _stat(run_dir, [c], "kl_k3")
-        gap, se2 = acc[0] - base[0], _two_se(acc, base)
-        effect = ("more accurate than `none`, beyond 2 standard errors" if gap > se2 else
-                  "less accurate than `none`, beyond 2 standard errors" if gap < -se2 else
-                  "within 2 standard errors of `none`")
-        lines.append(f"- {c}: in-domain accuracy {gap:+.3f} vs `none` (2 SE = {se2:.3f}): {effect}; "
-                     f"KL to the reference {kl[0]:.2f} vs {base_kl[0]:.2f}.")
+        kl = float(np.mean(_final_values(run_dir, [c], "kl_k3")))
+        d = _difference(run_dir, c, "none", "eval_accuracy")
+        if d is None:
+            lines.append(f"- {c}: fewer than 2 seeds of it or of `none`: no interval.")
+            continue
+        effect = ("more accurate than `none`" if d[1] > 0 else "less accurate than `none`" if d[2] < 0
+                  else "not distinguishable from `none`")
+        lines.append(f"- {c}: in-domain accuracy {_interval_words(d)} vs `none`: {effect}; "
+                     f"KL to the reference {kl:.2f} vs {base_kl:.2f}.")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ and transformers both load.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +28,10 @@ from flax import nnx
 
 from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
-from trainkit.config import Config, field, load_json
+from trainkit.config import Config, field, load_json, save_json
 from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, count_params, fit
-from trainkit.run import RunDir, final_metrics, read_json
+from trainkit.run import RunDir, final_metrics, read_json, write_json
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -278,6 +279,29 @@ def report(run_dir: RunDir) -> str:
             + (samples.read_text() if samples.exists() else "(none)\n"))
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)
+
+
+def pretrained_model_dir(model_dir: str | None, pretrain: LMPretrainConfig, ctx: RunContext, *,
+                         key: str = "base.model_dir", subdir: str = "base") -> Path:
+    """The HF directory of the LM an experiment starts from (the first stage of the LLM RL
+    experiments: the actor of kl_estimators and asyppo, asyppo's mini-critics).
+
+    ``model_dir`` when given (it must hold ``config.json``; the error names ``key``), else
+    ``pretrain`` trained here once as the sub-run ``<run dir>/<subdir>`` (resumed with
+    ``ctx.resume``, reused once its summary exists), whose ``model/`` is returned."""
+    if model_dir:
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}={path}: no config.json (expected an HF model dir, e.g. "
+                            "lm_pretrain's model/)")
+        return path
+    sub = RunDir(ctx.run_dir.path / subdir)
+    if not sub.summary_path.exists():
+        save_json(pretrain, sub.config_path)
+        result = run(pretrain, RunContext(sub, 1, ctx.resume))
+        write_json(sub.summary_path, {"final": result.metrics, "steps": result.steps})
+        report(sub)
+    return sub.path / "model"
 
 
 EXPERIMENT = Experiment(

@@ -3,10 +3,14 @@ trained on its own share of every prompt's responses; the critics' disagreement 
 advantages and filters the entropy bonus.
 
 Reference: Liu, Obando-Ceron et al., "Asymmetric Proximal Policy Optimization: mini-critics
-boost LLM reasoning", arXiv 2510.01656 (no official code). The formulas below are the paper's
-(Sec. "Lightweight value estimation" for the ensemble and its loss, Sec. "Policy loss
-reconstruction" for the two masks); the paper numbers its equations per version, so the
-docstrings name the quantity rather than an equation number that may move between versions.
+boost LLM reasoning", arXiv 2510.01656 (ICLR 2026; no official code). The formulas below are
+the paper's (Sec. "Lightweight value estimation" for the ensemble and its loss L_critic, Sec.
+"Policy loss reconstruction" for the two masks). Equation numbers are not cited: the paper's
+text could not be read past its abstract from here (the arXiv HTML v2 page, the ICLR/OpenReview
+page 0vgzrcv4Dr and third-party summaries were searched, see docs/asyppo_results.md), so the
+docstrings name each quantity as the paper does instead of guessing a number. The critic loss
+sum_m E_{(s_t, R_t) ~ D_m}[(V(s_t; phi_m) - R_t)^2] was checked against the formula quoted by a
+review of the paper (themoonlight.io).
 
 Batch layout as everywhere in :mod:`llm_rl`: B = P * G responses, prompt p owning the rows
 p*G .. p*G+G-1; per-token arrays [B, N] over the response tokens, ``mask`` 1 on real tokens.
@@ -49,6 +53,13 @@ critic axis, applied with ``jax.vmap`` (one compiled forward for all M) and opti
 vmapped optax transformation (:func:`ensemble_optimizer`: each critic gets its own optimizer
 state and, with ``clip_by_global_norm``, its own gradient norm).
 
+On a mesh (:func:`ensemble_shardings`, :func:`state_shardings`): each critic is sharded like
+the actor by the same logical-axis rules (fsdp over ``embed``, ``model`` over ``mlp``/heads);
+the stacked critic axis (logical name ``"ensemble"``) is replicated by default, or split over
+a mesh axis when the rules map it (e.g. ``("ensemble", "data")``). ``make_iteration(...,
+shardings=...)`` keeps the whole train state on those shardings; a sharded iteration equals
+the one-device iteration (tested on 8 simulated CPU devices).
+
 The trainer (:func:`make_iteration`) is :mod:`llm_rl.ppo`'s iteration with the critic
 replaced by the ensemble: the same prompts, rollouts (:func:`llm_rl.rl.rollout`), token
 rewards and KL configurations, plus several PPO epochs (UTD) over minibatches of whole
@@ -67,13 +78,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from llm_rl import algorithms, ppo
 from llm_rl.kl import kl_penalty
 from llm_rl.models import ValueModel, token_logprobs
 from llm_rl.rl import rollout
 from trainkit.guards import GuardState, guarded_update, init_guard
+from trainkit.sharding import DEFAULT_RULES, batch_sharding, param_shardings, replicated
 
+ENSEMBLE_AXIS = "ensemble"  # logical name of the stacked critic axis (see ensemble_shardings)
 FRACTION_UNITS = 10_000  # mask fractions are resolved to 1e-4 (basis points): exact integer floor
 
 
@@ -258,7 +272,9 @@ def ensemble_from_pretrained(path, num_critics: int, *, seed: int = 0,
     """(graphdef, stacked params, config): M critics whose trunks are loaded from the HF
     checkpoint at ``path`` (e.g. Qwen3-0.6B-Base) and whose value heads are initialised from
     seeds seed .. seed+M-1 (the paper's critics all start from one pre-trained checkpoint;
-    their diversity comes from the data split)."""
+    their diversity comes from the data split). On a mesh, place the stacked result with
+    ``jax.device_put(stacked, ensemble_shardings(stacked, mesh))`` (or the whole state with
+    :func:`state_shardings`)."""
     from llm_rl.models import from_pretrained
 
     graphdef, params, cfg = None, [], None
@@ -282,6 +298,32 @@ def ensemble_response_values(graphdef, stacked: Any, sequences: jax.Array, seq_m
     values = ensemble_values(graphdef, stacked, sequences, seq_mask)
     n = sequences.shape[1] - prompt_len
     return jax.vmap(lambda v: ppo.response_values(v, prompt_len, n))(values)
+
+
+def ensemble_shardings(stacked: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+                       ) -> Any:
+    """``NamedSharding`` s for a stacked ensemble, laid out like the actor.
+
+    Each leaf [M, ...] gets the logical axes ``(ENSEMBLE_AXIS, *its own logical axes)`` and
+    goes through the same rules table as the actor (:func:`trainkit.sharding.param_shardings`):
+    every critic's own dims are sharded exactly as the actor's (``embed`` over ``fsdp``,
+    ``mlp``/``heads``/``vocab`` over ``model`` with :data:`~trainkit.sharding.DEFAULT_RULES`).
+    The critic axis is replicated by default (no rule names it): M is 2-4, rarely a multiple of
+    a mesh axis, and fsdp already splits each critic. A rules table that maps it, e.g.
+    ``(("ensemble", "data"),) + DEFAULT_RULES``, puts different critics on different data
+    replicas instead (each holds M / |data| critics rather than all M; the vmapped forward
+    then moves the batch across that axis). A mesh axis is used at most once per leaf, the critic axis first; dims a mesh axis
+    does not divide are replicated."""
+    def relabel(variable):
+        value = variable.get_value()
+        logical = variable.get_metadata().get("out_sharding") or (None,) * (np.ndim(value) - 1)
+        return variable.replace(value, out_sharding=(ENSEMBLE_AXIS, *logical))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    relabelled = jax.tree.map(relabel, stacked, is_leaf=is_var)
+    # Back onto the tree of ``stacked`` itself (its metadata is part of the pytree structure).
+    return jax.tree.unflatten(jax.tree.structure(stacked),
+                              jax.tree.leaves(param_shardings(relabelled, mesh, rules)))
 
 
 def ensemble_optimizer(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -373,6 +415,26 @@ def init_state(params: Any, critic_params: Any, optimizer: optax.GradientTransfo
                        init_guard(), jnp.zeros((), jnp.int32))
 
 
+def state_shardings(state: AsyPPOState, mesh: Mesh, optimizer: optax.GradientTransformation,
+                    critic_optimizer: optax.GradientTransformation,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> AsyPPOState:
+    """An :class:`AsyPPOState` of ``NamedSharding`` s: the policy by its logical axes
+    (:func:`trainkit.sharding.param_shardings`, as ``from_pretrained(mesh=...)`` places it),
+    the critics by :func:`ensemble_shardings`, each optimizer moment like its parameter
+    (``optax.tree_map_params``; ``critic_optimizer`` is the per-critic one, its vmapped state
+    has the same structure), counters, guards and step replicated. Place a state with
+    ``jax.device_put(state, shardings)`` and pass ``shardings`` to :func:`make_iteration`."""
+    rep = replicated(mesh)
+    actor = param_shardings(state.params, mesh, rules)
+    critics = ensemble_shardings(state.critic_params, mesh, rules)
+    like = lambda opt, st, sh: optax.tree_map_params(opt, lambda _, x: x, st, sh,
+                                                     transform_non_params=lambda _: rep)
+    everywhere = lambda tree: jax.tree.map(lambda _: rep, tree)
+    return AsyPPOState(actor, critics, like(optimizer, state.opt_state, actor),
+                       like(critic_optimizer, state.critic_opt_state, critics),
+                       everywhere(state.guard), everywhere(state.critic_guard), rep)
+
+
 def minibatch_plan(key: jax.Array, num_prompts: int, group_size: int, epochs: int,
                    num_minibatches: int) -> jax.Array:
     """Row indices [epochs * num_minibatches, B / num_minibatches]: each epoch a fresh
@@ -396,7 +458,8 @@ def _masked_quantiles(x: jax.Array, mask: jax.Array, qs: Sequence[float]) -> jax
 def make_iteration(policy_graphdef, ref_params, critic_graphdef,
                    policy_optimizer: optax.GradientTransformation,
                    critic_optimizer: optax.GradientTransformation, tokenizer,
-                   settings: AsyPPOSettings) -> Callable[[AsyPPOState, int], tuple[AsyPPOState, dict]]:
+                   settings: AsyPPOSettings, *, shardings: AsyPPOState | None = None
+                   ) -> Callable[[AsyPPOState, int], tuple[AsyPPOState, dict]]:
     """``iterate(state, n) -> (state, metrics stacked over the n iterations)``, the ``chunk``
     of :func:`trainkit.loop.fit` (as :func:`llm_rl.ppo.make_iteration`). ``critic_optimizer``
     is per critic (vmapped here). The jitted update is ``iterate.update``;
@@ -407,7 +470,12 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
     on their mean and the sigma masks once per batch; then ``epochs * num_minibatches``
     guarded steps on the policy and on every critic (each on its own responses), in a
     ``lax.scan``. Minibatch order comes from a key folded from (seed, step), so a resumed run
-    replays the same updates."""
+    replays the same updates.
+
+    ``shardings`` (:func:`state_shardings`): run on that mesh. The update keeps the state on
+    those shardings (jit ``out_shardings``), the reference policy is placed like the actor and
+    each rollout batch is split over the mesh's batch axes (``data`` x ``fsdp``; replicated
+    when B is not a multiple of their size). ``None``: one device, as before."""
     s = settings
     M = s.num_critics
     assignment = jnp.asarray(critic_assignment(s.num_prompts, s.group_size, M))  # [M, B]
@@ -415,7 +483,15 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
     logp_fn = lambda p, seq, sm, P: response_logprobs_and_entropy(policy_graphdef, p, seq, sm, P,
                                                                   s.temperature)
 
-    @jax.jit
+    place_batch = lambda *xs: xs
+    if shardings is not None:
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        ref_params = jax.device_put(ref_params, shardings.params)
+        rows = s.num_prompts * s.group_size
+        split = batch_sharding(mesh)
+        batch_sh = split if rows % split.num_devices == 0 else replicated(mesh)
+        place_batch = lambda *xs: jax.device_put(xs, batch_sh)
+
     def update(state: AsyPPOState, sequences, seq_mask, behavior_logp, resp_mask, rewards, key):
         prompt_len = sequences.shape[1] - resp_mask.shape[1]
         mask = resp_mask.astype(jnp.float32)
@@ -509,6 +585,9 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
                                 state.step + 1)
         return new_state, metrics
 
+    update = jax.jit(update) if shardings is None else jax.jit(
+        update, out_shardings=(shardings, replicated(mesh)))
+
     def with_seed(seed: int):
         """The same iteration for another seed, sharing the compiled update (the update never
         reads the seed: prompts, samples and the minibatch key are made on the host)."""
@@ -523,14 +602,17 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
                 step = int(state.step)
                 r = rollout(policy_graphdef, state.params, tokenizer, run_settings, step)
                 start = time.perf_counter()
-                state, metrics = update(state, r.sequences, r.seq_mask, r.behavior_logp,
-                                        r.resp_mask, r.rewards, jax.random.fold_in(base_key, step))
+                state, metrics = update(state, *place_batch(r.sequences, r.seq_mask,
+                                                            r.behavior_logp, r.resp_mask,
+                                                            r.rewards),
+                                        jax.random.fold_in(base_key, step))
                 metrics = jax.device_get(metrics)
                 metrics["update_seconds"] = np.float32(time.perf_counter() - start)
                 rows.append(metrics)
             return state, {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
         iterate.update = update
+        iterate.place_batch = place_batch
         iterate.with_seed = with_seed
         return iterate
 

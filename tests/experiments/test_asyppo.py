@@ -44,3 +44,66 @@ def test_asyppo_rejects_groups_smaller_than_the_ensemble(tmp_path, subprocess_en
     res = run_cli(["run", "asyppo", "--run-dir", str(tmp_path / "y"), "--set", "grid.methods=ppo-huge"],
                   subprocess_env)
     assert res.returncode == 2 and "grid.methods" in res.stderr
+
+
+def test_sweep_cells_are_named_parsed_and_validated():
+    from experiments import asyppo as exp
+    from trainkit.config import ConfigError
+
+    grid = exp.GridConfig(methods=("grpo",), sweep_k=(0.0, 0.5), sweep_h=(0.2,))
+    assert grid.all_methods() == ("grpo", "asyppo-m2-k0-h20", "asyppo-m2-k50-h20")
+    assert exp.method_spec("asyppo-m4-k50-h0") == ("ppo", 4, "mini", 0.5, 0.0)
+    assert exp.method_spec("asyppo-m2-nomask", 0.3, 0.1) == ("ppo", 2, "mini", 0.0, 0.1)
+    cfg = exp.AsyPPOConfig(grid=grid)
+    s = exp._settings(cfg, "asyppo-m2-k50-h20", seed=1)
+    assert (s.num_critics, s.adv_mask_frac, s.ent_filter_frac) == (2, 0.5, 0.2)
+    for bad in ({"sweep_k": (0.2,)}, {"sweep_k": (0.255,), "sweep_h": (0.2,)},
+                {"methods": ("asyppo-m1-k20-h20",)}, {"methods": ("asyppo-m2-k100-h0",)},
+                {"methods": ()}):
+        with pytest.raises(ConfigError):
+            exp.GridConfig(**{"methods": ("grpo",), **bad})
+
+
+def test_sweep_table_is_the_mean_and_95ci_over_seeds(tmp_path):
+    """Cells read from the sub-runs' summaries; the interval is Student's t (2 dof: 4.303)."""
+    from experiments import asyppo as exp
+    from trainkit.run import RunDir
+
+    accs = {(0.0, 0.2): [0.2, 0.3, 0.4], (0.5, 0.2): [0.5, 0.5]}
+    for (k, h), values in accs.items():
+        for seed, acc in enumerate(values):
+            sub = tmp_path / "configs" / f"{exp.sweep_name(k, h)}-s{seed}"
+            sub.mkdir(parents=True)
+            (sub / "summary.json").write_text(json.dumps({"final": {"eval_accuracy": acc,
+                                                                    "reward": 2 * acc}}))
+            (sub / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_accuracy": acc}) + "\n")
+    run_dir = RunDir(tmp_path)
+    table = exp.sweep_table(run_dir, (0.0, 0.5), (0.2,))
+    mean, ci, n = table["eval_accuracy"][(0.0, 0.2)]
+    assert n == 3 and mean == pytest.approx(0.3) and ci == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert table["eval_accuracy"][(0.5, 0.2)] == pytest.approx((0.5, 0.0, 2))
+    assert table["reward"][(0.0, 0.2)][0] == pytest.approx(0.6)
+    assert "ood_accuracy" in table and not table["ood_accuracy"]  # no seed logged it
+    cfg = exp.AsyPPOConfig(grid=exp.GridConfig(methods=(), sweep_k=(0.0, 0.5), sweep_h=(0.2,)))
+    text = exp._sweep_section(run_dir, cfg)
+    assert "| k = 0% | 0.300 +- 0.248 |" in text and "| k = 50% | 0.500 +- 0.000 |" in text
+    assert "Best in-domain cell: k = 50%, h = 20%" in text and "do not overlap" not in text
+    assert (tmp_path / "plots" / "sweep_eval_accuracy.png").is_file()
+
+
+def test_a_given_model_dir_is_used_as_is_or_refused_by_its_key(tmp_path):
+    """lm_pretrain.pretrained_model_dir, the first stage asyppo and kl_estimators share."""
+    from experiments import lm_pretrain
+    from experiments.registry import RunContext, UserError
+    from trainkit.run import RunDir
+
+    ctx = RunContext(RunDir(tmp_path / "run"), 1, False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert lm_pretrain.pretrained_model_dir(str(model), lm_pretrain.smoke(), ctx) == model
+    with pytest.raises(UserError, match=r"^critic\.model_dir=.*no config\.json"):
+        lm_pretrain.pretrained_model_dir(str(tmp_path), lm_pretrain.smoke(), ctx,
+                                         key="critic.model_dir", subdir="critic_base")
+    # Nothing pretrained when a directory is given.
+    assert not (tmp_path / "run" / "base").exists() and not (tmp_path / "run" / "critic_base").exists()

@@ -19,14 +19,30 @@ def _final(acc, kl):
     return {"eval_accuracy": acc, "ood_accuracy": 0.0, "reward": acc, "kl_k3": kl, "grad_norm": 1.0}
 
 
-def test_staleness_verdict_follows_the_numbers(tmp_path):
+def test_staleness_verdict_follows_the_intervals(tmp_path):
     run = _fake_run(tmp_path, {"none": [_final(0.30, 20.0), _final(0.34, 22.0), _final(0.32, 21.0)],
                                "k1-reward": [_final(0.50, 8.0), _final(0.52, 7.0), _final(0.54, 9.0)],
                                "k3-loss": [_final(0.31, 5.0), _final(0.35, 6.0), _final(0.30, 7.0)]})
     text = _staleness_findings(run, ("none", "k1-reward", "k3-loss"), staleness=4)
-    assert "k1-reward: in-domain accuracy +0.200 vs `none`" in text
-    assert "more accurate than `none`, beyond 2 standard errors; KL to the reference 8.00 vs 21.00" in text
-    assert "k3-loss: in-domain accuracy +0.000 vs `none`" in text and "within 2 standard errors" in text
+    # k1-reward - none = +0.200, Welch interval (scipy ttest_ind equal_var=False): [0.155, 0.245]
+    assert "k1-reward: in-domain accuracy +0.200 [+0.155, +0.245] (above 0) vs `none`: more accurate" in text
+    assert "KL to the reference 8.00 vs 21.00" in text
+    assert "k3-loss: in-domain accuracy +0.000" in text and "not distinguishable from `none`" in text
+
+
+def test_findings_compare_configurations_pair_by_pair_not_pooled(tmp_path):
+    """One collapsed biased arm must not carry the verdict: k3-loss ties k1-reward (interval
+    contains 0) while k1-loss collapses (unbiased better), and the base model was better than
+    every arm, which the findings must say instead of 'consistent with the paper'."""
+    run = _fake_run(tmp_path, {"k1-reward": [_final(0.60, 3.0), _final(0.62, 3.5), _final(0.58, 3.2)],
+                               "k3-loss": [_final(0.61, 2.9), _final(0.66, 2.8), _final(0.59, 3.0)],
+                               "k1-loss": [_final(0.00, 270.0), _final(0.02, 280.0), _final(0.01, 276.0)]})
+    (tmp_path / "base_eval.json").write_text(json.dumps({"eval_accuracy": 0.95, "ood_accuracy": 0.06}))
+    text = _findings(run, ("k1-reward", "k1-loss", "k3-loss"))
+    assert "- k1-reward - k1-loss: in-domain +0.590 [" in text and "(above 0)" in text
+    assert "- k1-reward - k3-loss: in-domain -0.020 [" in text and "(contains 0)" in text
+    assert "more accurate in 1, less accurate in 0, unresolved (interval contains 0) in 1" in text
+    assert "in every configuration" in text and "consistent with the paper" not in text
 
 
 def test_findings_say_what_is_missing_instead_of_printing_nan(tmp_path):

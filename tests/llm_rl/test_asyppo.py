@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
+from jax.sharding import PartitionSpec as P
 
 from llm_rl import algorithms, asyppo, ppo
 from llm_rl.models import Qwen3Config, Qwen3ForCausalLM, ValueModel
@@ -19,6 +20,7 @@ from llm_rl.tokenization import char_tokenizer
 from tests.llm_rl.model_helpers import random_model
 from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir
+from trainkit.sharding import DEFAULT_RULES, make_mesh, param_shardings, to_host
 
 TASK = (("max_ops", 1), ("max_value", 9))  # fixed-length prompts: one compilation per shape
 
@@ -417,12 +419,20 @@ def test_one_critic_iteration_equals_the_ppo_trainer(setup):
         np.testing.assert_allclose(a_m[key], p_m[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_iteration_trains_every_critic_and_logs_the_masks(setup):
+@pytest.fixture(scope="module")
+def masked_iteration(setup):
+    """One iteration of 2 critics with both masks, 2 epochs x 2 minibatches (shared by the
+    trainer test and the sharded-equality test: one compile of the one-device update)."""
     s = asyppo.AsyPPOSettings(placement="reward", num_critics=2, num_prompts=2, group_size=4,
                               max_new_tokens=4, task_kwargs=TASK, epochs=2, num_minibatches=2,
                               adv_mask_frac=0.25, ent_filter_frac=0.2, entropy_coef=0.01)
     iterate, state = _asy_iteration(setup, s)
     new, m = iterate(state, 1)
+    return s, iterate, state, new, m
+
+
+def test_iteration_trains_every_critic_and_logs_the_masks(setup, masked_iteration):
+    s, iterate, state, new, m = masked_iteration
     assert int(new.step) == 1
     for key in ("loss", "value_loss", "value_loss_c0", "value_loss_c1", "sigma_q10", "sigma_q50",
                 "sigma_q90", "adv_masked_frac", "ent_filtered_frac", "value_mse_ensemble",
@@ -474,3 +484,74 @@ def test_resume_is_exact(setup, tmp_path):
     assert int(resumed.step) == 3
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- on a mesh (8 simulated CPU devices, tests/conftest.py) ----------------------------------
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+ENSEMBLE_OVER_DATA = (("ensemble", "data"),) + DEFAULT_RULES
+UP_PROJ = "['model']['layers'][0]['mlp']['up_proj']['kernel'].value"
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@needs8
+@pytest.mark.parametrize("rules, lead", [(DEFAULT_RULES, None), (ENSEMBLE_OVER_DATA, "data")])
+def test_ensemble_shardings_are_the_actors_plus_a_critic_axis(setup, rules, lead):
+    """Each critic's dims are sharded exactly as one ValueModel (as the actor) is; the critic
+    axis is replicated by default, or split over the mesh axis a rule names."""
+    critics = setup["critic_list"][:2]
+    mesh = make_mesh(2, 2, 2)
+    stacked = asyppo.stack_params(critics)
+    got = _flat(asyppo.ensemble_shardings(stacked, mesh, rules))
+    one = _flat(param_shardings(critics[0], mesh, DEFAULT_RULES))
+    shapes = {k: np.shape(v) for k, v in _flat(stacked).items()}
+    assert got.keys() == one.keys() == shapes.keys()
+    full = lambda spec, ndim: tuple(spec) + (None,) * (ndim - len(spec))
+    for name, sharding in got.items():
+        ndim = len(shapes[name])
+        assert full(sharding.spec, ndim) == (lead, *full(one[name].spec, ndim - 1)), name
+    assert got[UP_PROJ].spec == P(lead, "fsdp", "model")  # fsdp over embed, model over mlp
+
+
+@needs8
+def test_sharded_iteration_equals_one_device(setup, masked_iteration):
+    """The iteration of ``masked_iteration`` (same rollout, same minibatch key) on a
+    data x fsdp x model = 2 x 2 x 2 mesh, critic axis over ``data``: same metrics and
+    parameters as on one device, and afterwards every parameter and optimizer moment still
+    carries its intended sharding."""
+    from llm_rl.rl import rollout
+
+    s, _, state, want, want_m = masked_iteration
+    opt = copt = optax.adam(1e-2)  # as _asy_iteration
+    mesh = make_mesh(2, 2, 2)
+    shardings = asyppo.state_shardings(state, mesh, opt, copt, ENSEMBLE_OVER_DATA)
+    sharded = asyppo.make_iteration(setup["policy_graphdef"], setup["ref_params"],
+                                    setup["critic_graphdef"], opt, copt, setup["tokenizer"], s,
+                                    shardings=shardings)
+    ro = rollout(setup["policy_graphdef"], state.params, setup["tokenizer"], s, 0)
+    batch = sharded.place_batch(ro.sequences, ro.seq_mask, ro.behavior_logp, ro.resp_mask,
+                                ro.rewards)
+    assert batch[0].sharding.spec == P(("data", "fsdp"))  # B = 8 rows over 4 devices
+    got, got_m = sharded.update(jax.device_put(state, shardings), *batch,
+                                jax.random.fold_in(jax.random.key(s.seed), 0))
+
+    for k in ("loss", "value_loss", "value_loss_c0", "value_loss_c1", "sigma_q50",
+              "adv_masked_frac", "entropy", "grad_norm", "reward"):
+        np.testing.assert_allclose(got_m[k], want_m[k][0], rtol=2e-4, atol=1e-6, err_msg=k)
+    assert int(got.step) == int(want.step) == 1
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(to_host(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+    for part in ("params", "critic_params", "opt_state", "critic_opt_state"):
+        pairs = zip(jax.tree_util.tree_flatten_with_path(getattr(got, part))[0],
+                    jax.tree.leaves(getattr(shardings, part)))
+        for (path, x), sh in pairs:
+            assert x.sharding.is_equivalent_to(sh, x.ndim), (part, jax.tree_util.keystr(path))
+    up = _flat(got.critic_params)[UP_PROJ]
+    assert up.sharding.spec == P("data", "fsdp", "model")
+    assert up.addressable_shards[0].data.shape == (1, 4, 8)  # [2, 8, 16] / (data, fsdp, model)
+    q = _flat(got.params)["['model']['layers'][0]['self_attn']['q_proj']['kernel'].value"]
+    assert q.sharding.spec == P("fsdp", "model", None)
