@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,17 +48,24 @@ def test_ring_valid_mask_and_medians_by_hand():
     # gathered at per-env step indices, the same numbers
     eps_t, _, _ = least.step_medians(m, 4, jnp.asarray([2, 0]))
     np.testing.assert_allclose(eps_t, [6.0, 4.0])
-    # gbar over the valid entries of K = 2: (5 + 6 + 2 + 4) / 4
-    np.testing.assert_allclose(least.mean_td_loss(m, 2), 17.0 / 4)
+    # entropy of B_Q (K = 2): step 0 {7, 0} var 24.5, steps 1, 2 have one episode each
+    np.testing.assert_allclose(least.q_entropy(m, 2), 0.5 * np.log(2 * np.pi * np.e * 24.5),
+                               rtol=1e-6)
+    v4 = np.mean([np.var(x, ddof=1) for x in ([5, 3, 7, 0], [6, 9, 4], [7, 5])])  # = 5.75
+    np.testing.assert_allclose(least.q_entropy(m, 4), 0.5 * np.log(2 * np.pi * np.e * v4),
+                               rtol=1e-6)
 
 
 def test_weights_threshold_and_stop_rule_by_hand():
-    w = least.omega(jnp.asarray([1.0, 3.0, 2.0, 0.0]), jnp.asarray(2.0), 0.5)
-    # 1 + 0.5 (2 - g) / (2 + g)
-    np.testing.assert_allclose(w, [1 + 0.5 / 3, 1 - 0.5 / 5, 1.0, 1.5], rtol=1e-6)
-    np.testing.assert_allclose(least.omega(jnp.zeros(1), jnp.zeros(()), 0.5), [1.0])
-    tau = least.threshold(jnp.asarray([10.0, -10.0, 10.0]), jnp.asarray([1.2, 1.2, 0.8]))
-    np.testing.assert_allclose(tau, [12.0, -8.0, 8.0], rtol=1e-6)
+    # omega_i = clip(median G / G_i, 1 - c, 1 + c): current TD loss G_i, step median m_i
+    g_now = jnp.asarray([2.0, 1.0, 4.0, 0.5, 0.0, 0.0, 1.0])
+    g_med = jnp.asarray([2.0, 1.2, 3.0, 2.0, 1.0, 0.0, jnp.nan])
+    w = least.omega(g_now, g_med, 0.5)
+    np.testing.assert_allclose(w, [1.0, 1.2, 0.75, 1.5, 1.5, 1.0, np.nan], rtol=1e-6)
+    # tau = omega eps (eps >= 0), eps / omega (eps < 0): omega > 1 is stricter either way
+    tau = least.threshold(jnp.asarray([10.0, -10.0, 10.0, -10.0, 0.0]),
+                          jnp.asarray([1.25, 1.25, 0.8, 0.8, 1.5]))
+    np.testing.assert_allclose(tau, [12.5, -8.0, 8.0, -12.5, 0.0], rtol=1e-6)
     q = jnp.asarray([11.0, 11.0, 11.0, 11.0])
     tau = jnp.asarray([12.0, 12.0, 12.0, jnp.nan])
     n_valid = jnp.asarray([3, 3, 1, 3])
@@ -85,9 +93,27 @@ def test_masked_median_matches_numpy(values, k):
     assert int(n[0]) == newest.size
 
 
-def test_adaptive_k_at_entropy_extremes():
-    k = least.adaptive_k(jnp.asarray([-50.0, -1.0, 0.0, 1.0, 50.0, jnp.nan]), 5, 21, -1.0, 1.0)
-    np.testing.assert_array_equal(k, [5, 5, 13, 21, 21, 21])
+def test_entropy_rule_moves_k_within_bounds():
+    kw = {"k_min": 3, "k_max": 6, "k_step": 2, "overflow": 0.1}
+    k, h_bar, n = jnp.asarray(4), jnp.asarray(0.0), jnp.asarray(0)
+    k, h_bar, n = least.update_k(k, jnp.asarray(2.0), h_bar, n, **kw)  # first: only starts Hbar
+    assert (int(k), float(h_bar), int(n)) == (4, 2.0, 1)
+    k, h_bar, n = least.update_k(k, jnp.asarray(2.3), h_bar, n, **kw)  # 2.3 > 2 + 0.2: grow
+    assert int(k) == 6 and int(n) == 2
+    np.testing.assert_allclose(h_bar, 2.15)
+    k, h_bar, n = least.update_k(k, jnp.asarray(9.0), h_bar, n, **kw)  # capped at k_max
+    assert int(k) == 6
+    k2, _, _ = least.update_k(k, jnp.asarray(2.0), jnp.asarray(2.0), n, **kw)  # not above: shrink
+    assert int(k2) == 4
+    k3, hb3, n3 = least.update_k(k, jnp.asarray(jnp.nan), h_bar, n, **kw)  # NaN: no change
+    assert (int(k3), int(n3)) == (6, 3) and float(hb3) == float(h_bar)
+    # negative entropies: "above" is Hbar + gamma |Hbar| = -1.8
+    k4, _, _ = least.update_k(jnp.asarray(4), jnp.asarray(-1.75), jnp.asarray(-2.0),
+                              jnp.asarray(5), **kw)
+    assert int(k4) == 6
+    k5, _, _ = least.update_k(jnp.asarray(4), jnp.asarray(-1.85), jnp.asarray(-2.0),
+                              jnp.asarray(5), **kw)
+    assert int(k5) == 3
 
 
 # --- the hook inside the agents --------------------------------------------------------------
@@ -104,50 +130,10 @@ SMOKE = dataclasses.replace(sac.SACConfig.smoke(), total_steps=128, chunk_steps=
 
 
 def _hook(warmup=0, patience=1, k_min=1, k_max=4):
-    return least.Least(least.LeastConfig(k_min=k_min, k_max=k_max, warmup_steps=warmup,
-                                         patience=patience), SMOKE.num_envs, LIMIT)
-
-
-def test_stopped_episode_is_a_truncation_that_bootstraps():
-    """Force stops (omega_scale 0, patience 1, tau = +median: an episode below it stops) and
-    check the stored transitions: stopped steps have terminated = 0 and s' = the step's own
-    next observation (not the reset one), the env restarts, and the SAC target on such a
-    transition is r + gamma (min Q(s', a') - alpha log pi) (hand-built two-step case)."""
-    hook = least.Least(least.LeastConfig(k_min=1, k_max=4, warmup_steps=0, patience=1,
-                                         omega_scale=0.0), 2, LIMIT)
-    cfg = dataclasses.replace(SMOKE, learning_starts=10_000)  # random actions, no updates
-    agent = sac.make_agent(cfg, _walk_env(), hook)
-
-    def run(key):
-        state = agent.init(key)
-        return jax.lax.scan(lambda s, _: agent.collect(s), state, None, length=40)[0]
-
-    state = jax.jit(run)(jax.random.key(0))
-    data = jax.tree.map(np.asarray, state.buffer.data)
-    n = 80
-    assert int(state.early_stop.stopped) > 0
-    # replay env by env: a stop shows as an episode restarting (obs t = 0) before LIMIT steps
-    stops = 0
-    for e in range(2):
-        x, t = 0.0, 0
-        for i in range(40):
-            row = 2 * i + e
-            np.testing.assert_allclose(data["obs"][row], [x, t], atol=1e-6)
-            x = np.float32(x + data["action"][row, 0])
-            t += 1
-            np.testing.assert_allclose(data["next_obs"][row], [x, t], atol=1e-6)  # own s'
-            assert data["terminated"][row] == 0.0  # never a termination
-            nxt = 2 * (i + 1) + e
-            if nxt < n and (t >= LIMIT or data["obs"][nxt][1] == 0.0):
-                stops += t < LIMIT
-                x, t = 0.0, 0
-    assert stops == int(state.early_stop.stopped)
-    # two-step hand case: a stopped transition's target bootstraps (terminated = 0)
-    reward = jnp.asarray([0.5, 0.5])
-    next_q = jnp.asarray([[2.0, 2.0], [3.0, 3.0]])
-    next_logp = jnp.asarray([0.1, 0.1])
-    y = sac.soft_td_target(reward, jnp.asarray([0.0, 1.0]), next_q, next_logp, 0.2, 0.9)
-    np.testing.assert_allclose(y, [0.5 + 0.9 * (2.0 - 0.2 * 0.1), 0.5], rtol=1e-6)
+    """K starts at 2 and is re-checked every 16 env steps (so it moves within these runs)."""
+    return least.Least(least.LeastConfig(k_min=k_min, k_max=k_max, k_init=2, k_every=16,
+                                         warmup_steps=warmup, patience=patience),
+                       SMOKE.num_envs, LIMIT)
 
 
 def _assert_trees_equal(a, b):
@@ -159,49 +145,118 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_no_stop_during_warmup_and_idle_hook_changes_nothing():
-    """A hook still in warm-up never stops, and the agent's own state (params, buffer, envs,
-    keys) is bit for bit that of the agent without a hook (SAC; TD3 shares the loop)."""
-    for mod, cfg in ((sac, SMOKE),):
-        plain = jax.jit(mod.make_agent(cfg, _walk_env()).train)(jax.random.key(2))[0]
-        hooked = jax.jit(mod.make_agent(cfg, _walk_env(), _hook(warmup=10**9)).train)(
-            jax.random.key(2))[0]
-        assert int(hooked.early_stop.stopped) == 0
-        assert int(hooked.early_stop.episodes) == 2 * (64 // LIMIT)  # natural ends recorded
-        assert int(hooked.early_stop.memory.count) == 4
-        _assert_trees_equal(plain, hooked.replace(early_stop=None))
+WARMUP = 40  # env steps (2 envs x 16 a chunk): chunk 1 (32 steps) is before it, 2-4 after
 
 
-def test_memories_under_vmap_equal_separate_runs_and_resume_is_exact(tmp_path):
-    agent = sac.make_agent(SMOKE, _walk_env(), _hook(warmup=40, patience=2))
-    init, chunk = jax.jit(agent.init), jax.jit(agent.train_chunk)
-    keys = jax.random.split(jax.random.key(5), 2)
-    states = jax.jit(jax.vmap(agent.init))(keys)
-    vchunk = jax.jit(jax.vmap(agent.train_chunk))
-    for _ in range(4):
-        states, _ = vchunk(states)
-    singles = []
-    for i in range(2):
-        s = init(keys[i])
+@pytest.fixture(scope="module")
+def compiled():
+    """The jitted pieces the hook tests share (compiling SAC dominates their time): the plain
+    agent's chunk and the LEAST agent's (warm-up 40 steps, patience 2) chunk, on two seeds;
+    plus each seed's states after 1..4 chunks."""
+    plain = sac.make_agent(SMOKE, _walk_env())
+    agent = sac.make_agent(SMOKE, _walk_env(), _hook(warmup=WARMUP, patience=2))
+    out = {"agent": agent, "init": jax.jit(agent.init), "chunk": jax.jit(agent.train_chunk),
+           "plain_init": jax.jit(plain.init), "plain_chunk": jax.jit(plain.train_chunk),
+           "keys": jax.random.split(jax.random.key(5), 2)}
+    runs = []
+    for key in out["keys"]:
+        s, states = out["init"](key), []
         for _ in range(4):
-            s, m = chunk(s)
-        singles.append(s)
-        mine = jax.tree.map(lambda x, i=i: x[i], states.early_stop)
-        # memories: same episodes, lengths and stop counts; values up to batched rounding
-        for name in ("length", "position", "count"):
-            np.testing.assert_array_equal(getattr(mine.memory, name),
-                                          getattr(s.early_stop.memory, name))
-        np.testing.assert_allclose(mine.memory.q, s.early_stop.memory.q, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(mine.stop_hist, s.early_stop.stop_hist)
-    assert "least/stop_fraction" in m
-    # resume: 2 chunks, checkpoint, restore into a fresh template, 2 more == 4 uninterrupted
-    s = init(keys[0])
-    for _ in range(2):
-        s, _ = chunk(s)
+            s, m = out["chunk"](s)
+            states.append(s)
+        runs.append(states)
+    out["runs"], out["last_metrics"] = runs, m
+    return out
+
+
+def test_no_stop_during_warmup_and_idle_hook_changes_nothing(compiled):
+    """Before warm-up the hook never stops, records the natural episode ends, and the agent's
+    own state (params, buffer, envs, keys) is bit for bit that of the agent without a hook
+    (SAC; TD3 shares the loop); after warm-up the same hook does stop episodes."""
+    key = compiled["keys"][0]
+    plain, _ = compiled["plain_chunk"](compiled["plain_init"](key))
+    hooked = compiled["runs"][0][0]
+    assert int(hooked.env_steps) == 32 < WARMUP
+    assert int(hooked.early_stop.stopped) == 0
+    assert int(hooked.early_stop.episodes) == 2 * (16 // LIMIT)  # natural ends recorded
+    assert int(hooked.early_stop.memory.count) == 4
+    _assert_trees_equal(plain, hooked.replace(early_stop=None))
+    after = compiled["runs"][0][3].early_stop
+    assert int(after.stopped) > 0 and int(after.stop_hist.sum()) == int(after.stopped)
+
+
+def test_stopped_episode_is_a_truncation_that_bootstraps(compiled):
+    """Replay the stored transitions of the LEAST run (4 chunks, stops after warm-up) env by
+    env: every step has terminated = 0 and s' = the step's own next observation (not the
+    reset one), a stop shows as the env restarting before the time limit, and the stops
+    counted so equal the hook's; the SAC target on such a transition is
+    r + gamma (min Q(s', a') - alpha log pi) (hand-built two-step case)."""
+    state = compiled["runs"][0][3]
+    data = jax.tree.map(np.asarray, state.buffer.data)
+    steps = int(state.env_steps) // 2
+    assert int(state.early_stop.stopped) > 0
+    stops = 0
+    for e in range(2):
+        x, t = 0.0, 0
+        for i in range(steps):
+            row = 2 * i + e
+            np.testing.assert_allclose(data["obs"][row], [x, t], atol=1e-5)
+            x = np.float32(x + data["action"][row, 0])
+            t += 1
+            np.testing.assert_allclose(data["next_obs"][row], [x, t], atol=1e-5)  # own s'
+            assert data["terminated"][row] == 0.0  # never a termination
+            nxt = 2 * (i + 1) + e
+            if i + 1 < steps and (t >= LIMIT or data["obs"][nxt][1] == 0.0):
+                stops += t < LIMIT
+                x, t = 0.0, 0
+    assert stops == int(state.early_stop.stopped)
+    # two-step hand case: a stopped transition's target bootstraps (terminated = 0)
+    reward = jnp.asarray([0.5, 0.5])
+    next_q = jnp.asarray([[2.0, 2.0], [3.0, 3.0]])
+    next_logp = jnp.asarray([0.1, 0.1])
+    y = sac.soft_td_target(reward, jnp.asarray([0.0, 1.0]), next_q, next_logp, 0.2, 0.9)
+    np.testing.assert_allclose(y, [0.5 + 0.9 * (2.0 - 0.2 * 0.1), 0.5], rtol=1e-6)
+
+
+def test_memories_under_vmap_equal_separate_runs():
+    """The hook alone, 2 envs x 60 steps of synthetic signals (Q rising with the step index
+    plus noise, random TD losses, a 6-step limit, stopped episodes restarting), for 3 seeds:
+    vmapped over seeds == each seed run separately (memories, K, counters), with stops and
+    K moving in the runs."""
+    hook = least.Least(least.LeastConfig(k_min=1, k_max=4, k_init=2, k_every=8, warmup_steps=10,
+                                         patience=2), 2, LIMIT)
+
+    def run(key):
+        def body(carry, k):
+            st, t, env_steps = carry
+            kq, kg = jax.random.split(k)
+            q = t.astype(jnp.float32) + jax.random.normal(kq, (2,))
+            td = jax.random.uniform(kg, (2,))
+            done = t + 1 >= LIMIT
+            st, stop = hook.step(st, q, td, t, done, jnp.float32(0.0), env_steps)
+            return (st, jnp.where(done | stop, 0, t + 1), env_steps + 2), stop
+
+        carry = (hook.init(), jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32))
+        return jax.lax.scan(body, carry, jax.random.split(key, 60))[0][0]
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    batched = jax.jit(jax.vmap(run))(keys)
+    single = jax.jit(run)
+    for i in range(3):
+        _assert_trees_equal(jax.tree.map(lambda x, i=i: x[i], batched), single(keys[i]))
+    assert int(batched.stopped.sum()) > 0
+    assert (np.asarray(batched.h_count) >= 10).all() and (np.asarray(batched.k) != 2).any()
+
+
+def test_resume_is_exact(compiled, tmp_path):
+    """2 chunks, checkpoint, restore into a fresh template, 2 more == 4 uninterrupted (the
+    LEAST memories and counters are part of the checkpointed agent state)."""
+    assert "least/stop_fraction" in compiled["last_metrics"]
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, async_save=False)
-    assert ckpt.save(2, s, force=True)
+    assert ckpt.save(2, compiled["runs"][0][1], force=True)
     ckpt.close()
-    _, restored, _ = Checkpointer(tmp_path / "ckpt", save_every=1).restore(init(keys[1]))
+    _, restored, _ = Checkpointer(tmp_path / "ckpt", save_every=1).restore(
+        compiled["init"](compiled["keys"][1]))
     for _ in range(2):
-        restored, _ = chunk(restored)
-    _assert_trees_equal(restored, singles[0])
+        restored, _ = compiled["chunk"](restored)
+    _assert_trees_equal(restored, compiled["runs"][0][3])
