@@ -76,6 +76,9 @@ def fit(run_dir: RunDir, state: Any, chunk: Callable[[Any, int], tuple[Any, dict
                     last_extra = jax.tree.map(to_host, evaluate(state))
                 # Rows are numbered by updates completed: the chunk's rows are step+1 .. step+n.
                 logger.log_stacked(step + 1, metrics, every=s.log_every, last_extra=last_extra)
+                # Rows reach the file before any checkpoint that covers them: a kill right
+                # after a save must not lose rows that a resume will never recompute.
+                logger.flush()
                 step += n
                 progress.update(step, {k: v[-1] for k, v in metrics.items()})
                 check_streak(metrics, s.max_nonfinite, step=step,
@@ -84,10 +87,9 @@ def fit(run_dir: RunDir, state: Any, chunk: Callable[[Any, int], tuple[Any, dict
                 if stop.requested is not None:
                     ckpt.save(step, state, extra=extra_json, force=True)
                     ckpt.wait()
-                    logger.flush()
                     raise Interrupted(stop.requested, step)
-                if step < s.num_steps and ckpt.save(step, state, extra=extra_json):
-                    logger.flush()
+                if step < s.num_steps:
+                    ckpt.save(step, state, extra=extra_json)
             ckpt.save(step, state, extra=extra(state) if extra else None, force=True)
     finally:
         progress.close()
