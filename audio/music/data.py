@@ -21,9 +21,12 @@ chorales have none, so we name the harmony ourselves):
 
 ``CHORDS`` = 12 roots x 9 qualities (``QUALITIES``: maj, min, dim, aug, 7, maj7, min7, hdim7,
 dim7), named ``"<root>:<quality>"`` (Harte-style, e.g. ``"C:maj"``, ``"A:min7"``), with
-``index = root * len(QUALITIES) + quality`` (so transposition moves the root only). The score is ``chordify``-ed;
-each chordify slice's pitch-class set S (with its bass pitch class) reduces by
-:func:`reduce_chord`:
+``index = root * len(QUALITIES) + quality`` (so transposition moves the root only). The
+harmony *without the melody* is named: the lower parts (alto, tenor, bass) are ``chordify``-ed
+(the soprano is not: a chord label that includes the melody's own passing tones makes the
+data's note-in-chord ~97%, against the paper's 70.94 on its test data); a one-part tune uses
+its chord symbols instead (:func:`piece_from_score`). Each slice's pitch-class set S (with its
+bass pitch class) reduces by :func:`reduce_chord`:
 
 1. S empty -> no chord (-1).
 2. *exact*: a vocabulary chord whose pitch-class set equals S (several only for the symmetric
@@ -75,7 +78,7 @@ CHORDS: tuple[str, ...] = tuple(f"{r}:{q}" for r in ROOT_NAMES for q in QUALITIE
 _CHORD_INDEX = {name: i for i, name in enumerate(CHORDS)}
 
 CACHE_ENV = "JAXRESEARCH_MUSIC_CACHE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chords from the lower parts only (v1 chordified the soprano too)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,33 +444,60 @@ def _frame(quarters: float) -> int:
 
 
 def piece_from_score(score, name: str, stats: dict | None = None) -> Piece:
-    """A music21 score -> :class:`Piece`: melody = first part (soprano), chords = chordify of
-    all parts reduced by :func:`reduce_chord`. ``stats`` (optional) accumulates frame counts
-    per reduction kind ("exact", "subset", "fit")."""
+    """A music21 score -> :class:`Piece`: melody = first part (soprano / tune), chords from the
+    harmony *without* the melody, reduced by :func:`reduce_chord`:
+
+    - two or more parts: ``chordify`` of the lower parts only (alto, tenor, bass), so a
+      soprano passing tone is not folded into the chord label (the chord must be a property
+      of the accompaniment, or note-in-chord of the data is trivially ~100%);
+    - one part with chord symbols (``harmony.ChordSymbol``, e.g. ABC ``"Am"`` annotations):
+      each symbol's pitch classes (bass = the symbol's bass) from its offset to the next
+      symbol; frames before the first symbol have no chord.
+
+    ``ValueError`` naming ``name`` for a one-part score without chord symbols. ``stats``
+    (optional) accumulates frame counts per reduction kind ("exact", "subset", "fit")."""
     from music21 import chord as m21chord
+    from music21 import harmony
+    from music21 import stream as m21stream
 
     n = max(1, _frame(score.highestTime))
     melody = np.full(n, -1, np.int32)
     melody_on = np.zeros(n, bool)
     part = score.parts[0].stripTies()
     for el in part.flatten().notes:
-        if el.quarterLength <= 0:
-            continue  # grace note
+        if el.quarterLength <= 0 or isinstance(el, harmony.ChordSymbol):
+            continue  # grace note / chord symbol (not a sounding melody note)
         pitch = max(p.midi for p in el.pitches) if isinstance(el, m21chord.Chord) else el.pitch.midi
         s = _frame(el.offset)
         e = max(_frame(el.offset + el.quarterLength), s + 1)
         melody[s:e] = fold_pitch(pitch)
         melody_on[s:e] = False
         melody_on[s] = True
+    # (start frame, end frame, pitch classes, bass pitch class) of each harmony slice
+    slices = []
+    if len(score.parts) >= 2:
+        lower = m21stream.Score()
+        for p in score.parts[1:]:
+            lower.insert(0, p)
+        for el in lower.chordify().flatten().notes:
+            if el.quarterLength <= 0 or not el.pitches:
+                continue
+            s = _frame(el.offset)
+            slices.append((s, max(_frame(el.offset + el.quarterLength), s + 1),
+                           [p.pitchClass for p in el.pitches], el.bass().pitchClass))
+    else:
+        symbols = [cs for cs in score.parts[0].flatten().getElementsByClass(harmony.ChordSymbol)
+                   if cs.pitches and not isinstance(cs, harmony.NoChord)]
+        if not symbols:
+            raise ValueError(f"{name}: one part and no chord symbols: no harmony to learn")
+        starts = [_frame(cs.offset) for cs in symbols] + [n]
+        for cs, s, e in zip(symbols, starts[:-1], starts[1:]):
+            if e > s:
+                slices.append((s, e, [p.pitchClass for p in cs.pitches], cs.bass().pitchClass))
     chord = np.full(n, -1, np.int32)
-    for el in score.chordify().flatten().notes:
-        if el.quarterLength <= 0:
-            continue
-        s = _frame(el.offset)
-        e = max(_frame(el.offset + el.quarterLength), s + 1)
+    for s, e, pcs, bass in slices:
         prev = int(chord[s - 1]) if s > 0 else -1
-        idx, kind = reduce_chord([p.pitchClass for p in el.pitches],
-                                 el.bass().pitchClass if el.pitches else None, prev)
+        idx, kind = reduce_chord(pcs, bass, prev)
         chord[s:e] = idx
         if stats is not None:
             stats[kind] = stats.get(kind, 0) + (min(e, n) - min(s, n))
@@ -494,15 +524,40 @@ def piece_from_musicxml(path: str | os.PathLike) -> Piece:
                          f"{err})") from err
 
 
+# music21 corpus collections with harmony to learn from. music21 10.5 ships folk tunes in ABC
+# (essenFolksong, ryansMammoth, oneills1850, airdsAirs, miscFolk, nottingham-dataset); only the
+# nottingham-dataset file carries chord symbols on (nearly) every tune -- the others are
+# melodies alone (docs/realchords_results.md lists what was checked).
+COLLECTIONS = {"chorales": "bach", "nottingham": "nottingham-dataset"}
+
+
 def corpus_paths(which: str = "chorales") -> list[Path]:
-    """The music21 corpus files used: ``"chorales"`` = the Bach files under music21's
-    ``corpus/bach`` (4-part pieces are kept at load time)."""
+    """The music21 corpus files of one collection (:data:`COLLECTIONS`): ``"chorales"`` = the
+    Bach files under ``corpus/bach`` (4-part pieces are kept at load time); ``"nottingham"`` =
+    the ABC files under ``corpus/nottingham-dataset`` (tunes with chord symbols are kept)."""
     from music21 import corpus
 
-    if which != "chorales":
-        raise ValueError(f"unknown corpus {which!r}: only 'chorales' (music21's folk tunes, "
-                         "essenFolksong, are monophonic with no harmony to learn from)")
-    return sorted(Path(p) for p in corpus.getComposer("bach"))
+    if which not in COLLECTIONS:
+        raise ValueError(f"unknown corpus collection {which!r}: one of {sorted(COLLECTIONS)} "
+                         "(join several with '+', e.g. 'chorales+nottingham')")
+    if which == "chorales":
+        return sorted(Path(p) for p in corpus.getComposer("bach"))
+    return sorted(Path(p) for p in corpus.getPaths()
+                  if Path(p).parent.name == COLLECTIONS[which])
+
+
+def _scores(path: Path):
+    """(name, score) for each score in a corpus file: an ABC opus gives one per tune,
+    named ``<dir>/<file>#<tune number>``."""
+    from music21 import corpus
+    from music21 import stream as m21stream
+
+    parsed = corpus.parse(str(path))
+    rel = str(path.relative_to(path.parents[1]))
+    if isinstance(parsed, m21stream.Opus):
+        return [(f"{rel}#{sc.metadata.number if sc.metadata and sc.metadata.number else i}", sc)
+                for i, sc in enumerate(parsed.scores)]
+    return [(rel, parsed)]
 
 
 def cache_dir() -> Path:
@@ -549,18 +604,33 @@ def load_pieces(path: str | os.PathLike) -> tuple[list[Piece], dict]:
 
 def load_corpus(which: str = "chorales", *, limit: int | None = None,
                 cache: str | os.PathLike | None = None) -> list[Piece]:
-    """The music21 chorales as pieces (4-part files only), parsed once and cached to
-    ``<cache dir>/<which>-<n>-<key>.npz`` (key = hash of the frame/vocabulary settings).
-    ``limit`` takes the first ``limit`` corpus files (sorted by path). A cache of the full
-    corpus serves any limit. The cache also stores the reduction statistics
-    (:func:`corpus_stats` reads them)."""
-    return _load_corpus(which, limit, cache)[0]
+    """Pieces of one music21 collection (:data:`COLLECTIONS`; several joined by ``"+"``, e.g.
+    ``"chorales+nottingham"``): the 4-part chorales, or the tunes with chord symbols. Parsed
+    once and cached to ``<cache dir>/<which>-<n>-<key>.npz`` (key = hash of the
+    frame/vocabulary/reduction settings). ``limit`` takes the first ``limit`` corpus files of
+    each collection (sorted by path). A cache of the full collection serves any limit. The
+    cache also stores the reduction statistics (:func:`corpus_stats` reads them)."""
+    return [p for w in _collections(which) for p in _load_corpus(w, limit, cache)[0]]
 
 
 def corpus_stats(which: str = "chorales", *, limit: int | None = None,
                  cache: str | os.PathLike | None = None) -> dict:
-    """Frame counts per chord-reduction kind and the parse time, from the corpus cache."""
-    return _load_corpus(which, limit, cache)[1]
+    """Frame counts per chord-reduction kind, skipped scores and the parse time, from the
+    corpus cache (summed over the collections of ``which``)."""
+    out: dict = {}
+    for w in _collections(which):
+        for k, v in _load_corpus(w, limit, cache)[1].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _collections(which: str) -> list[str]:
+    names = [w.strip() for w in str(which).split("+")]
+    for w in names:
+        if w not in COLLECTIONS:
+            raise ValueError(f"unknown corpus collection {w!r} in {which!r}: one of "
+                             f"{sorted(COLLECTIONS)}, joined by '+'")
+    return names
 
 
 def _load_corpus(which, limit, cache):
@@ -574,25 +644,34 @@ def _load_corpus(which, limit, cache):
             pieces, extra = load_pieces(f)
             if f == full and n < len(paths):
                 keep = {str(paths[i].relative_to(paths[i].parents[1])) for i in range(n)}
-                pieces = [p for p in pieces if p.name in keep]
+                pieces = [p for p in pieces if p.name.split("#")[0] in keep]
             return pieces, {k: v.item() for k, v in extra.items()}
-    from music21 import corpus
-
-    stats = {"exact": 0, "subset": 0, "fit": 0, "files": n, "skipped_not_4_parts": 0}
+    stats = {"exact": 0, "subset": 0, "fit": 0, "files": n, "skipped_not_4_parts": 0,
+             "skipped_no_chord_symbols": 0}
     pieces = []
     t0 = time.perf_counter()
     from tqdm import tqdm
 
-    for p in tqdm(paths[:n], desc=f"parsing {which}", unit="piece", mininterval=1.0,
+    for p in tqdm(paths[:n], desc=f"parsing {which}", unit="file", mininterval=1.0,
                   disable=os.environ.get("TRAINKIT_NO_PROGRESS") == "1"):
-        score = corpus.parse(str(p))
-        if len(score.parts) != 4:
-            stats["skipped_not_4_parts"] += 1
-            continue
-        pieces.append(piece_from_score(score, str(p.relative_to(p.parents[1])), stats))
+        for name, score in _scores(p):
+            if which == "chorales" and len(score.parts) != 4:
+                stats["skipped_not_4_parts"] += 1
+                continue
+            if which != "chorales" and (len(score.parts) != 1 or not _has_chord_symbols(score)):
+                stats["skipped_no_chord_symbols"] += 1
+                continue
+            pieces.append(piece_from_score(score, name, stats))
     stats["parse_seconds"] = time.perf_counter() - t0
     save_pieces(pieces, full if n == len(paths) else mine, **stats)
     return pieces, stats
+
+
+def _has_chord_symbols(score) -> bool:
+    from music21 import harmony
+
+    return any(not isinstance(cs, harmony.NoChord)
+               for cs in score.recurse().getElementsByClass(harmony.ChordSymbol))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from the step's key), so a resumed stage ends with exactly the parameters of an 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -269,19 +268,25 @@ def reward_model_loss(model, melody, chords) -> jax.Array:
     return model.loss(melody, chords)
 
 
+# XLA options that compile several times faster on CPU (no LLVM optimisation) and run slower:
+# for tests, whose cost is almost all compilation.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def make_supervised_chunk(graphdef, loss: Callable, optimizer, bank: FrameBank, *, batch: int,
-                          frames: int, crop_lengths: Sequence[int] | None = None):
+                          frames: int, crop_lengths: Sequence[int] | None = None,
+                          fast_compile: bool = False):
     """``chunk(state, n) -> (state, metrics)`` running n steps of ``loss(model, melody,
     chords)`` on random crops of ``bank`` drawn from each step's key (see the module
     docstring); ``crop_lengths`` draws shorter windows too (reward models). The step is
-    compiled once per (graphdef, loss, optimizer, sizes): seeds reuse it."""
+    compiled once per (graphdef, loss, optimizer, sizes): seeds reuse it. ``fast_compile``
+    compiles it with :data:`FAST_COMPILE` (same numbers up to float rounding)."""
     lengths = tuple(int(x) for x in crop_lengths) if crop_lengths else None
-    return _chunk_of(lambda state: _supervised_step(graphdef, loss, optimizer, batch, frames, lengths,
-                                                    state, bank))
+    step = _supervised_step_fast if fast_compile else _supervised_step
+    return _chunk_of(lambda state: step(graphdef, loss, optimizer, batch, frames, lengths, state, bank))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _supervised_step(graphdef, loss, optimizer, batch, frames, crop_lengths, state: TrainState,
+def _supervised_step_impl(graphdef, loss, optimizer, batch, frames, crop_lengths, state: TrainState,
                      bank: FrameBank):
     key = jax.random.fold_in(state.key, state.step)
     k_data, k_len = jax.random.split(key)
@@ -297,6 +302,11 @@ def _supervised_step(graphdef, loss, optimizer, batch, frames, crop_lengths, sta
                                                   value, state.guard)
     return (TrainState(params, opt_state, state.step + 1, state.key, guard),
             {"loss": value, "grad_norm": optax.global_norm(grads), **gm})
+
+
+_supervised_step = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+_supervised_step_fast = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5),
+                                compiler_options=FAST_COMPILE)
 
 
 def _chunk_of(step):
@@ -366,10 +376,11 @@ class Frozen(NamedTuple):
 
 
 def make_rl_chunk(graphdef, value_graphdef, optimizer, value_optimizer, bank: FrameBank,
-                  tables: DecodeTables, settings: RLSettings, frozen: Frozen, method: str):
+                  tables: DecodeTables, settings: RLSettings, frozen: Frozen, method: str, *,
+                  fast_compile: bool = False):
     """``chunk(state, n) -> (state, metrics)``: n RL updates, each on a fresh batch of the
     policy's own rollouts (one update per batch, as the reference's single epoch); ``method``
-    one of :data:`METHODS`."""
+    one of :data:`METHODS`; ``fast_compile`` as in :func:`make_supervised_chunk`."""
     if method not in METHODS:
         raise ValueError(f"RL method {method!r}: must be one of {', '.join(METHODS)}")
     if method == "realchords-m":
@@ -377,12 +388,12 @@ def make_rl_chunk(graphdef, value_graphdef, optimizer, value_optimizer, bank: Fr
     weights = jnp.asarray(METHODS[method], jnp.float32)
     gds = tuple(g for g, _ in frozen)
     params = tuple(p for _, p in frozen)
-    return _chunk_of(lambda state: _rl_step(graphdef, value_graphdef, optimizer, value_optimizer,
-                                            settings, gds, state, bank, tables, params, weights))
+    step = _rl_step_fast if fast_compile else _rl_step
+    return _chunk_of(lambda state: step(graphdef, value_graphdef, optimizer, value_optimizer,
+                                        settings, gds, state, bank, tables, params, weights))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _rl_step(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSettings, frozen_gds,
+def _rl_step_impl(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSettings, frozen_gds,
              state: RLState, bank: FrameBank, tables: DecodeTables, frozen_params, weights):
     w_c, w_d, w_teacher, w_pen = weights[0], weights[1], weights[2], weights[3]
     teacher, online, contrastive, discriminative = (
@@ -429,3 +440,7 @@ def _rl_step(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSettings
                "early_eos": jnp.mean(rollout.eos_early.astype(jnp.float32)),
                **{k: jnp.mean(v) for k, v in counts.items()}, **gm}
     return RLState(params, vparams, opt_state, vopt, state.step + 1, state.key, guard), metrics
+
+
+_rl_step = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+_rl_step_fast = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5), compiler_options=FAST_COMPILE)

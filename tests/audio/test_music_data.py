@@ -199,3 +199,65 @@ def test_render_wav_and_piano_roll(corpus, tmp_path):
     assert 0.5 < np.abs(audio).max() <= 0.91
     png = D.piano_roll_png(piece, tmp_path / "x.png")
     assert os.path.getsize(png) > 1000
+
+
+def _part(notes):
+    """A music21 part of (pitch name or None for a rest, quarter length) pairs."""
+    from music21 import note, stream
+
+    part = stream.Part()
+    for name, ql in notes:
+        part.append(note.Rest(quarterLength=ql) if name is None else note.Note(name, quarterLength=ql))
+    return part
+
+
+def test_chord_label_ignores_the_soprano():
+    """A C-major triad in the lower parts under a soprano A (a non-chord tone, then G). The
+    label must be C:maj throughout: chordifying the soprano too would name beat 1 A:min7
+    (C-E-G-A exactly) and give the data a trivial 100% note-in-chord."""
+    from music21 import stream
+
+    from audio.music import metrics
+
+    score = stream.Score()
+    for notes in ([("A4", 1), ("G4", 1)], [("E4", 2)], [("G3", 2)], [("C3", 2)]):
+        score.insert(0, _part(notes))
+    stats = {}
+    p = D.piece_from_score(score, "hand", stats)
+    assert p.chord_names() == ["C:maj"] * 8 and p.chord_onset.tolist() == [True] + [False] * 7
+    assert p.melody.tolist() == [69] * 4 + [67] * 4
+    assert stats == {"exact": 8}
+    assert metrics.note_in_chord_ratio(p) == 0.5  # A misses C:maj, G hits
+
+
+def test_one_part_tune_takes_its_chord_symbols():
+    from music21 import harmony, stream
+
+    part = _part([("E4", 1), ("C5", 1), ("B4", 1), ("D5", 1)])
+    part.insert(0, harmony.ChordSymbol("Am"))
+    part.insert(2, harmony.ChordSymbol("G7"))
+    score = stream.Score()
+    score.insert(0, part)
+    p = D.piece_from_score(score, "tune")
+    assert p.chord_names() == ["A:min"] * 8 + ["G:7"] * 8
+    assert np.flatnonzero(p.chord_onset).tolist() == [0, 8]
+    assert p.melody[::4].tolist() == [64, 72, 71, 74]  # chord symbols are not melody notes
+    bare = stream.Score()
+    bare.insert(0, _part([("E4", 1)]))
+    with pytest.raises(ValueError, match="bare.*no chord symbols"):
+        D.piece_from_score(bare, "bare")
+
+
+def test_nottingham_tunes_load_with_their_chord_symbols(tmp_path):
+    # music21 10.5 ships one nottingham-dataset file (2 reels, ABC with chord symbols)
+    tunes = D.load_corpus("nottingham", cache=tmp_path)
+    assert len(tunes) >= 1 and all(t.name.startswith("nottingham-dataset/") for t in tunes)
+    first = tunes[0]  # "Cuckoo's Nest": a one-beat pickup, then D (bar 1), Em (bar 2), A (beat 3)
+    assert (first.chord[:4] == -1).all()
+    assert first.chord_names()[4] == "D:maj" and first.chord_names()[20] == "E:min"
+    assert first.chord_names()[28] == "A:maj" and first.chord_onset[[4, 20, 28]].all()
+    assert ((first.melody >= 0).mean() > 0.9) and 0.5 < (first.chord >= 0).mean() <= 1
+    both = D.load_corpus("chorales+nottingham", limit=1, cache=tmp_path)
+    assert [t.name for t in both][-len(tunes):] == [t.name for t in tunes]
+    with pytest.raises(ValueError, match="unknown corpus collection 'folk'"):
+        D.load_corpus("chorales+folk", cache=tmp_path)

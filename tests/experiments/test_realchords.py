@@ -11,10 +11,19 @@ from tests.helpers import run_cli
 pytest.importorskip("music21")
 
 
+@pytest.fixture
+def env(subprocess_env):
+    out = dict(subprocess_env)
+    # The smoke run is almost all XLA compilation (~60 programs); unoptimised CPU code
+    # compiles several times faster (the runs are a few steps: their speed does not matter).
+    out["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return out
+
+
 @pytest.mark.slow
-def test_realchords_smoke_writes_the_report_plots_and_examples(tmp_path, subprocess_env):
+def test_realchords_smoke_writes_the_report_plots_and_examples(tmp_path, env):
     run_dir = tmp_path / "rc"
-    res = run_cli(["run", "realchords", "--run-dir", str(run_dir)], subprocess_env, timeout=600)
+    res = run_cli(["run", "realchords", "--run-dir", str(run_dir)], env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     for section in ("## Table 1", "## Does RL + distillation beat online MLE?", "## Reward models",
