@@ -20,6 +20,12 @@ second off-policy agent. One sub-run per (task, agent, critic, reset) in
 ``configs/<task>--<critic>--<reset>/`` (SAC) or ``configs/<task>--td3--<critic>--<reset>/``
 with the seeds vmapped inside it; a resumed run skips
 finished sub-runs and continues the unfinished one from its checkpoint.
+
+Multi-host (``docs/scaling.md``): with several devices and a seed count they divide, the
+seeds are sharded over every device of every process (:func:`seed_sharding`); each process
+then steps the environments, replay buffers and agents of its own seeds (seed ``i`` always
+from key ``split(key(seed), seeds)[i]``, whichever process holds it), so N processes train
+what one process does. A multi-process run needs ``--seeds`` divisible by the device count.
 """
 
 from __future__ import annotations
@@ -34,7 +40,14 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
+from trainkit.run import (
+    RunDir,
+    final_metrics,
+    is_main_process,
+    read_json,
+    read_metrics,
+    write_json,
+)
 
 CRITICS = ("mlp", "mlp-ln", "residual", "residual-ln", "multiskip-ln")
 RESETS = ("none", "redo", "regrama")
@@ -146,6 +159,23 @@ def td3_config(cfg: GramaConfig, critic: str, reset: str):
                      reset=reset, reset_every=cfg.reset_every, reset_tau=cfg.tau)
 
 
+def seed_sharding(seeds: int):
+    """``NamedSharding`` of the leading (seed) axis over all devices of all processes, or None
+    (one device, or a seed count the devices do not divide: the seeds stay on one device)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from trainkit.sharding import make_mesh
+
+    devices = jax.device_count()
+    if devices == 1 or seeds % devices:
+        if jax.process_count() > 1:
+            raise UserError(f"--seeds {seeds}: a run over {jax.process_count()} processes shards "
+                            f"the seeds over its {devices} devices, so --seeds must be a "
+                            f"multiple of {devices}")
+        return None
+    return NamedSharding(make_mesh(data=-1), PartitionSpec("data"))
+
+
 def _name(task: str, critic: str, reset: str, agent: str = "sac") -> str:
     middle = "" if agent == "sac" else f"{agent}--"  # SAC runs keep their original names
     return f"{task.replace('/', '_')}--{middle}{critic}--{reset}"
@@ -171,20 +201,26 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
     chunks = cfg.total_steps // cfg.chunk_steps
     finals, params = {}, {}
     builders = {"sac": (sac_config, sac.make_agent), "td3": (td3_config, td3.make_agent)}
+    sharding = seed_sharding(ctx.seeds)
+    on_seeds = {} if sharding is None else {"out_shardings": sharding}
     for task, agent_name, critic, reset in _grid(cfg):
         name = _name(task, critic, reset, agent_name)
         sub = RunDir(ctx.run_dir.path / "configs" / name)
         make_settings, make_agent = builders[agent_name]
         settings = make_settings(cfg, critic, reset)
-        write_json(sub.config_path, dataclasses.asdict(settings))
+        if is_main_process():  # process 0 writes the run's files
+            write_json(sub.config_path, dataclasses.asdict(settings))
         agent = make_agent(settings, envs[task])
-        keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
-        state = jax.jit(jax.vmap(agent.init))(keys)
+        # keys made inside the jit: a multi-process jit takes no host-local inputs
+        state = jax.jit(lambda agent=agent: jax.vmap(agent.init)(
+            jax.random.split(jax.random.key(cfg.seed), ctx.seeds)), **on_seeds)()
         one_chunk = jax.vmap(agent.train_chunk)
 
         @jax.jit
         def chunk_fn(state, _):
             state, m = one_chunk(state)
+            if sharding is not None:  # keep every seed on the device that holds it
+                state = jax.lax.with_sharding_constraint(state, sharding)
             return state, {k: m[k] for k in LOGGED if k in m}
 
         def chunk(state, n, chunk_fn=chunk_fn):
@@ -196,8 +232,8 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
             return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
 
         def evaluate(state, agent=agent):
-            ev = jax.jit(jax.vmap(lambda s, k: agent.evaluate(s, k, num_envs=8)))(
-                state, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds))
+            ev = jax.jit(lambda s: jax.vmap(lambda s, k: agent.evaluate(s, k, num_envs=8))(
+                s, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds)))(state)
             return {"eval_return": ev["eval/return"]}
 
         loop = LoopSettings(num_steps=chunks, chunk_size=1, save_every=1,
@@ -207,8 +243,9 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
         logger.close()
         rows = sub.read_metrics()
         final = final_metrics(rows, window=max(1, chunks // 5))
-        write_json(sub.summary_path, {"task": task, "agent": agent_name, "critic": critic,
-                                      "reset": reset, "final": final})
+        if is_main_process():
+            write_json(sub.summary_path, {"task": task, "agent": agent_name, "critic": critic,
+                                          "reset": reset, "final": final})
         finals[name] = final
         params[name] = state.critic
     metrics = {}

@@ -12,6 +12,14 @@ on ``prompt + worked solution`` texts (arithmetic and Countdown, :mod:`llm_rl.ta
 accuracy on held-out problems (graded by the tasks' verifiers) and writes ``model/``
 (``config.json``, ``model.safetensors``, tokenizer) that :func:`llm_rl.models.from_pretrained`
 and transformers both load.
+
+Multi-host (``docs/scaling.md``): parameters are sharded from their logical axes over the
+``mesh`` (``--set mesh.fsdp=-1``: fully sharded data parallel over every device of every
+process); the batch is split over ``data`` x ``fsdp``. Every process generates the same
+problem set (deterministic per seed), draws the same global batch indices per step, and
+reads and uploads only its own rows of each batch (:func:`trainkit.sharding.
+process_batch_slice`), so N processes train exactly what one process with the same mesh
+trains.
 """
 
 from __future__ import annotations
@@ -25,13 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json, save_json
 from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, count_params, fit
-from trainkit.run import RunDir, final_metrics, read_json, write_json
+from trainkit.run import RunDir, final_metrics, is_main_process, read_json, write_json
+from trainkit.sharding import (
+    BATCH_AXES,
+    make_global_batch,
+    make_mesh,
+    param_shardings,
+    process_batch_slice,
+    to_host,
+)
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -82,11 +100,29 @@ class TrainConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig(Config):
+    """Device mesh (``trainkit.sharding`` axes). The default, 1 x 1 x 1, trains on one
+    device; ``fsdp=-1`` shards parameters over all devices of all processes."""
+
+    data: int = field(1, ge=-1, help="data-parallel size (-1: all devices left)")
+    fsdp: int = field(1, ge=-1, help="fully-sharded data-parallel size (-1: all devices left)")
+    model: int = field(1, ge=-1, help="tensor-parallel size")
+
+    def validate(self):
+        for name in ("data", "fsdp", "model"):
+            if getattr(self, name) == 0:
+                raise self.invalid(name, "must be a positive size or -1")
+        if [self.data, self.fsdp, self.model].count(-1) > 1:
+            raise self.invalid("fsdp", "at most one mesh axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
 class LMPretrainConfig(Config):
     seed: int = field(0, ge=0)
     model: ModelConfig = field(factory=ModelConfig)
     data: DataConfig = field(factory=DataConfig)
     train: TrainConfig = field(factory=TrainConfig)
+    mesh: MeshConfig = field(factory=MeshConfig)
 
 
 def smoke() -> LMPretrainConfig:
@@ -157,6 +193,24 @@ def build_data(cfg: LMPretrainConfig, tokenizer):
     return batch, held_out
 
 
+def build_mesh(cfg: MeshConfig):
+    """The run's mesh: sizes without -1 take the first devices (one process); a multi-host
+    run must span every device of every process."""
+    sizes = (cfg.data, cfg.fsdp, cfg.model)
+    try:
+        if -1 in sizes:
+            return make_mesh(*sizes)
+        need = int(np.prod(sizes))
+        if jax.process_count() > 1 and need != jax.device_count():
+            raise ValueError(f"{jax.process_count()} processes need a mesh over all "
+                             f"{jax.device_count()} devices, not {need}; e.g. --set mesh.fsdp=-1")
+        if need > jax.device_count():
+            raise ValueError(f"needs {need} devices, {jax.device_count()} available")
+        return make_mesh(*sizes, devices=jax.devices()[:need])
+    except ValueError as err:
+        raise UserError(f"mesh: {err}") from None
+
+
 class TrainState(NamedTuple):
     params: Any
     opt_state: Any
@@ -187,15 +241,19 @@ def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
     tokenizer = char_tokenizer()
     mcfg = model_config(cfg.model, len(tokenizer), tokenizer)
     data, held_out = build_data(cfg, tokenizer)
-    ids = jnp.asarray(data["input_ids"])
-    mask = jnp.asarray(data["attention_mask"])
-    loss_mask = jnp.asarray(data["loss_mask"])
-    n_train = ids.shape[0]
+    data = {k: np.asarray(data[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    n_train, seq_len = data["input_ids"].shape
+    mesh = build_mesh(cfg.mesh)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % batch_devices:
+        raise UserError(f"train.batch_size={t.batch_size} must be divisible by the "
+                        f"{batch_devices} data x fsdp devices of the mesh")
 
     model_cls = family_of_config(mcfg).model_class
     key = jax.random.key(cfg.seed)
-    model = model_cls(mcfg, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
-    graphdef, params = nnx.split(model, nnx.Param)
+    make_model = lambda: model_cls(mcfg, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+    params_sharding = param_shardings(abstract_params, mesh)
     schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.warmup_steps, 1),
                                                   max(t.steps, t.warmup_steps + 1))
     optimizer = optax.chain(optax.clip_by_global_norm(t.clip_norm),
@@ -205,16 +263,43 @@ def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
         logits = nnx.merge(graphdef, p)(b_ids, b_mask)
         return next_token_loss(logits, b_ids, b_loss_mask)
 
-    def step(state: TrainState, _):
-        idx = jax.random.randint(jax.random.fold_in(state.key, state.step), (t.batch_size,), 0, n_train)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, ids[idx], mask[idx], loss_mask[idx])
+    # [steps, batch, seq], batch split over data x fsdp: each process holds its rows.
+    batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    data_key = jax.random.fold_in(key, 1)
+    draw = jax.jit(jax.vmap(lambda s: jax.random.randint(jax.random.fold_in(data_key, s),
+                                                         (t.batch_size,), 0, n_train)))
+
+    def host_batch(first_step: int, n: int) -> dict:
+        """The batches of steps first_step .. first_step+n-1: every process draws the same
+        global indices (as the single-process run does) and reads only its own rows."""
+        idx = np.asarray(draw(jnp.arange(first_step, first_step + n)))
+        shape = (n, t.batch_size, seq_len)
+        rows = idx[:, process_batch_slice(batch_sharding, shape, axis=1)]
+        local = {k: v[rows] for k, v in data.items()}
+        return make_global_batch(local, batch_sharding, {k: shape for k in local})
+
+    def step(state: TrainState, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["input_ids"],
+                                                  batch["attention_mask"], batch["loss_mask"])
         params, opt_state, guard, gm = guarded_update(optimizer, grads, state.opt_state,
                                                       state.params, loss, state.guard)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), **gm}
         return TrainState(params, opt_state, guard, state.key, state.step + 1), metrics
 
-    chunk = jax.jit(lambda s, n: jax.lax.scan(step, s, None, length=n), static_argnums=1,
-                    donate_argnums=0)
+    def init():
+        params = jax.lax.with_sharding_constraint(nnx.split(make_model(), nnx.Param)[1],
+                                                  params_sharding)
+        return TrainState(params, optimizer.init(params), init_guard(), data_key,
+                          jnp.zeros((), jnp.int32))
+
+    init_jit = jax.jit(init)
+    state_sharding = jax.tree.map(lambda x: x.sharding, jax.eval_shape(init_jit))
+    scan = jax.jit(lambda s, b: jax.lax.scan(step, s, b), out_shardings=(state_sharding, None),
+                   in_shardings=(state_sharding, batch_sharding), donate_argnums=0)
+
+    def chunk(state: TrainState, n: int):
+        return scan(state, host_batch(int(to_host(state.step)), n))
+
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in held_out])
 
     def evaluate(state: TrainState) -> dict:
@@ -226,8 +311,7 @@ def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
         formatted = [tasks.extract_answer(text) is not None for text in texts]
         return {"eval_accuracy": np.mean(rewards), "eval_formatted": np.mean(formatted)}
 
-    state = TrainState(params, optimizer.init(params), init_guard(), jax.random.fold_in(key, 1),
-                       jnp.zeros((), jnp.int32))
+    state = init_jit()
     settings = LoopSettings(num_steps=t.steps, chunk_size=t.chunk_size, save_every=t.save_every,
                             key_metric="loss", desc="lm_pretrain", eval_every=t.eval_every)
     state, logger = fit(ctx.run_dir, state, chunk, settings, resume=ctx.resume, evaluate=evaluate)
@@ -241,9 +325,10 @@ def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
                        max_new_tokens=t.max_new_tokens, greedy=True,
                        eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(np.asarray(samples.tokens), skip_special_tokens=True)
-    (ctx.run_dir.path / "samples.md").write_text("\n".join(
-        f"- `{p.prompt.strip()!r}` -> `{text.strip()!r}` (reference `{p.answer}`)"
-        for p, text in zip(held_out[:8], texts)) + "\n")
+    if is_main_process():
+        (ctx.run_dir.path / "samples.md").write_text("\n".join(
+            f"- `{p.prompt.strip()!r}` -> `{text.strip()!r}` (reference `{p.answer}`)"
+            for p, text in zip(held_out[:8], texts)) + "\n")
     metrics = final_metrics(ctx.run_dir.read_metrics())
     metrics = {k: metrics[k] for k in ("loss", "eval_accuracy", "eval_formatted", "nonfinite_total")
                if k in metrics}

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from trainkit.run import checkpoint_path, is_url  # noqa: F401  (is_url: re-exported)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the run's state."""
@@ -85,7 +87,7 @@ class Checkpointer:
                  async_save: bool = True):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_path(directory)
         self.save_every = save_every
         self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -196,7 +198,7 @@ def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tupl
     """Read a saved train state as nested dicts of numpy arrays, on any topology (a state
     saved by 2 hosts or 8 devices reads on one CPU). For inspection, export and tests; to
     continue training use :meth:`Checkpointer.restore`, which rebuilds shardings and keys."""
-    directory = Path(run_checkpoints_dir)
+    directory = checkpoint_path(run_checkpoints_dir)
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
         if directory.is_dir() else []
     if not steps or (step is not None and step not in steps):

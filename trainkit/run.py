@@ -11,6 +11,12 @@ A run directory explains itself::
     report.md         the table and plots a reader wants
     summary.json      final metrics and ``params_sha256``
 
+Checkpoints may live elsewhere: with ``TRAINKIT_CHECKPOINT_ROOT=gs://bucket/prefix`` (or
+``RunDir(path, checkpoints_dir=...)``) a run in ``runs/x`` keeps its orbax checkpoints in
+``gs://bucket/prefix/runs/x/checkpoints`` (recorded in ``run.json``), while the small files
+above stay in the local run directory of process 0. Only process 0 writes those files; every
+process writes its shards of each checkpoint.
+
 Metrics from inside jitted loops are logged as *chunked scan outputs*: a chunk of K steps
 runs under ``lax.scan`` and returns its per-step metrics stacked along axis 0; the host then
 calls :meth:`MetricsLogger.log_stacked`. This keeps the device loop free of host callbacks
@@ -35,6 +41,21 @@ import numpy as np
 
 class RunDirError(OSError):
     """The run directory cannot be used (missing, unwritable, not a run)."""
+
+
+def is_url(path: Any) -> bool:
+    """True for ``scheme://...`` paths (``gs://``, ``s3://``): not local file names."""
+    return "://" in str(path)
+
+
+def checkpoint_path(directory: Any):
+    """A local path made absolute (orbax needs absolute paths), or an ``epath.Path`` for a
+    URL. ``pathlib.Path("gs://b/x")`` would turn the URL into the local ``gs:/b/x``."""
+    if is_url(directory):
+        from etils import epath
+
+        return epath.Path(str(directory))
+    return Path(directory).absolute()
 
 
 def is_main_process() -> bool:
@@ -74,16 +95,24 @@ def _json_default(obj: Any) -> Any:
 class RunDir:
     """Paths of one run and the files every run writes."""
 
-    def __init__(self, path: str | os.PathLike, *, must_exist: bool = False):
+    def __init__(self, path: str | os.PathLike, *, must_exist: bool = False,
+                 checkpoints_dir: str | os.PathLike | None = None):
+        if is_url(path):
+            raise RunDirError(f"run directory {path}: must be a local directory (metrics are "
+                              "appended to a file); put the checkpoints in the object store "
+                              "with TRAINKIT_CHECKPOINT_ROOT=" + str(path).rsplit("/", 1)[0])
         self.path = Path(path)
+        self.checkpoints_dir = _checkpoints_dir(self.path, checkpoints_dir)
         if must_exist:
             if not self.path.is_dir():
                 raise RunDirError(f"run directory {self.path} does not exist")
             if not self.config_path.is_file():
                 raise RunDirError(f"{self.path} is not a run directory (no config.json)")
+            self._check_checkpoint_location()
         elif is_main_process():
             try:
-                for sub in (self.path, self.checkpoints_dir, self.plots_dir):
+                local = () if is_url(self.checkpoints_dir) else (self.checkpoints_dir,)
+                for sub in (self.path, *local, self.plots_dir):
                     sub.mkdir(parents=True, exist_ok=True)
                 probe = self.path / ".write_test"
                 probe.write_text("")
@@ -97,12 +126,27 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     report_path = property(lambda self: self.path / "report.md")
-    checkpoints_dir = property(lambda self: self.path / "checkpoints")
     plots_dir = property(lambda self: self.path / "plots")
     tb_dir = property(lambda self: self.path / "tb")
 
+    def _check_checkpoint_location(self) -> None:
+        """A run whose checkpoints went to an object store must be resumed from there: without
+        this check a resume that forgot TRAINKIT_CHECKPOINT_ROOT would restart from step 0."""
+        if not self.run_info_path.is_file():
+            return
+        try:
+            recorded = json.loads(self.run_info_path.read_text()).get("checkpoints")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return
+        if recorded and str(recorded) != str(self.checkpoints_dir):
+            raise RunDirError(f"{self.run_info_path} records checkpoints in {recorded}, but this "
+                              f"process would use {self.checkpoints_dir}; set "
+                              "TRAINKIT_CHECKPOINT_ROOT as when the run started")
+
     def write_run_info(self, info: Mapping[str, Any]) -> None:
         info = dict(info)
+        if is_url(self.checkpoints_dir):
+            info["checkpoints"] = str(self.checkpoints_dir)
         info.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
         info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         info.setdefault("versions", environment_versions())
@@ -111,6 +155,20 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
+
+
+def _checkpoints_dir(run_path: Path, explicit: str | os.PathLike | None):
+    """``explicit``, else ``$TRAINKIT_CHECKPOINT_ROOT/<run path>/checkpoints`` (the run path
+    without a leading ``/``), else ``<run path>/checkpoints``. URLs stay URLs."""
+    if explicit is not None:
+        return checkpoint_path(explicit) if is_url(explicit) else Path(explicit)
+    root = os.environ.get("TRAINKIT_CHECKPOINT_ROOT")
+    if not root:
+        return run_path / "checkpoints"
+    relative = run_path.as_posix().lstrip("/")
+    if is_url(root):
+        return checkpoint_path(root.rstrip("/") + "/" + relative + "/checkpoints")
+    return Path(root) / relative / "checkpoints"
 
 
 def environment_versions() -> dict[str, str]:

@@ -153,11 +153,23 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     Reads ``TRAINKIT_COORDINATOR`` (host:port), ``TRAINKIT_NUM_PROCESSES`` and
     ``TRAINKIT_PROCESS_ID``; with ``TRAINKIT_DISTRIBUTED=auto`` lets JAX detect a cluster
     (SLURM, TPU pod, ...). Returns True if the runtime was initialised. Must run before any
-    other JAX call touches the backend."""
+    other JAX call touches the backend.
+
+    ``TRAINKIT_HEARTBEAT_TIMEOUT`` (seconds, JAX's default 100) bounds how long the other
+    processes run on after one dies outside a collective: the coordination service then
+    stops them all. Afterwards the processes meet at a barrier (:func:`sync_processes`)."""
     env = os.environ if env is None else env
     coordinator = env.get("TRAINKIT_COORDINATOR")
+    kwargs = {}
+    if env.get("TRAINKIT_HEARTBEAT_TIMEOUT"):
+        try:
+            kwargs["heartbeat_timeout_seconds"] = int(env["TRAINKIT_HEARTBEAT_TIMEOUT"])
+        except ValueError:
+            raise ValueError("TRAINKIT_HEARTBEAT_TIMEOUT must be an integer number of seconds, "
+                             f"got {env['TRAINKIT_HEARTBEAT_TIMEOUT']!r}") from None
     if env.get("TRAINKIT_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kwargs)
+        sync_processes("trainkit-initialize")
         return True
     if not coordinator:
         return False
@@ -172,8 +184,34 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     if jax.config.jax_platforms in (None, "", "cpu") or env.get("JAX_PLATFORMS") == "cpu":
         # Cross-process collectives on CPU need an explicit implementation.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
+                               **kwargs)
+    sync_processes("trainkit-initialize")
     return True
+
+
+def sync_processes(name: str, timeout_s: int = 900) -> None:
+    """Wait until every process gets here (coordination-service barrier, ``timeout_s``), then
+    run one collective over all devices.
+
+    Why the collective: on CPU, gloo sets up its connections at the first collective over a
+    set of devices and gives up after 30 s if a peer is not there yet; processes that reach
+    their first training step compile-times apart (one compiles for a minute on a loaded
+    machine) then fail with ``Gloo context initialization failed``. Setting the context up
+    here, in step, avoids that; later collectives reuse it."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    from jax.experimental import multihost_utils
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+    # gloo keys its contexts by device set: all devices (a step over the whole mesh) and one
+    # device per process (process_allgather, as used by to_host)
+    everything = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), P("all"))
+    ones = np.ones((jax.local_device_count(),), np.int32)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(everything.mesh, P()))(
+        jax.make_array_from_process_local_data(everything, ones))
+    multihost_utils.process_allgather(np.asarray(total))
 
 
 def global_norm_spec_check(tree: Any) -> dict[str, str]:
@@ -190,3 +228,40 @@ def all_gather_equal(x: jnp.ndarray) -> bool:
 
     gathered = multihost_utils.process_allgather(np.asarray(x))
     return bool(np.all(gathered == gathered[0]))
+
+
+def process_batch_slice(sharding: NamedSharding, global_shape: Sequence[int],
+                        axis: int = 0) -> slice:
+    """The rows of a global batch (along ``axis``) that this process holds under ``sharding``.
+
+    A multi-host data pipeline reads only these rows and hands them to
+    :func:`make_global_batch`. With one process it is the whole batch. The rows of one process
+    are contiguous for the meshes :func:`make_mesh` builds (devices are ordered process by
+    process); any other layout raises ``ValueError``."""
+    index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+    ranges = sorted({(idx[axis].start or 0,
+                      global_shape[axis] if idx[axis].stop is None else idx[axis].stop)
+                     for idx in index_map.values()})
+    start, stop = ranges[0][0], ranges[-1][1]
+    covered = set()
+    for lo, hi in ranges:
+        covered.update(range(lo, hi))
+    if covered != set(range(start, stop)):
+        raise ValueError(f"process {jax.process_index()} holds rows {ranges} of axis {axis}: "
+                         "not one contiguous block, so it cannot read a slice of the batch")
+    return slice(start, stop)
+
+
+def make_global_batch(local: Any, sharding: NamedSharding, global_shape_of: Any) -> Any:
+    """The global array of each leaf from this process's rows (:func:`process_batch_slice`).
+
+    ``local`` and ``global_shape_of`` are matching pytrees: local numpy arrays and the global
+    shapes they are slices of. One process: ``local`` is the whole batch (a plain
+    ``device_put``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.tree.map(
+        lambda x, shape: jax.make_array_from_process_local_data(sharding, np.asarray(x),
+                                                                tuple(shape)),
+        local, global_shape_of)
+

@@ -1,5 +1,7 @@
+import contextlib
 import os
 import signal
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 from trainkit.checkpoint import CheckpointError, Checkpointer, StopSignal
+from trainkit.run import RunDir, RunDirError, checkpoint_path
 
 
 def _state(seed=0):
@@ -124,6 +127,99 @@ def test_fault_injection_kills_right_after_the_nth_save_is_on_disk(tmp_path):
     assert ckpt.all_steps() == [1, 2]
     step, state, _ = ckpt.restore({"w": jnp.zeros((4,), jnp.int32)})
     assert step == 2 and np.array_equal(np.asarray(state["w"]), np.full((4,), 2))
+
+
+# --- object-store checkpoint paths (gs://) on a fake filesystem -------------------------------
+
+@contextlib.contextmanager
+def fake_gcs(root):
+    """``gs://BUCKET/PATH`` served from ``root/BUCKET/PATH``, with no network: etils epath's
+    mock backend maps every path operation orbax makes, and the TensorStore kvstore orbax
+    builds for a GCS path (the array data) becomes a file kvstore. Orbax still takes its GCS
+    code paths (commit_success.txt instead of an atomic rename)."""
+    from etils.epath import testing as epath_testing
+    from orbax.checkpoint._src.path import gcs_utils
+
+    def local(path):
+        text = os.fspath(path) if not isinstance(path, str) else path
+        return text.replace("gs://", f"{root}/", 1) if text.startswith("gs://") else text
+
+    def wrap(original, path, *args, **kwargs):
+        args = tuple(local(a) if isinstance(a, (str, os.PathLike)) else a for a in args)
+        return original(local(path), *args, **kwargs)
+
+    ops = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
+           "rename", "replace", "rmtree", "stat", "walk")
+    kvstores = []
+
+    def kvstore(path):
+        kvstores.append(path)
+        return {"driver": "file", "path": local(path)}
+
+    with epath_testing.mock_epath(**dict.fromkeys(ops, wrap)), \
+            mock.patch.object(gcs_utils, "get_kvstore_for_gcs", kvstore), \
+            mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled", lambda _: False):
+        yield kvstores
+
+
+def test_url_checkpoint_dirs_stay_urls():
+    path = checkpoint_path("gs://bucket/runs/x/checkpoints")
+    assert str(path) == "gs://bucket/runs/x/checkpoints"  # pathlib would give gs:/bucket/...
+    assert str(path / "3") == "gs://bucket/runs/x/checkpoints/3"
+    assert checkpoint_path("rel/ck").is_absolute()
+
+
+def test_checkpoint_round_trip_through_a_fake_gcs_bucket(tmp_path):
+    from trainkit.checkpoint import load_numpy
+
+    state = _state(0)
+    with fake_gcs(tmp_path) as kvstores:
+        ckpt = Checkpointer("gs://bucket/runs/x/checkpoints", save_every=1, async_save=False)
+        assert ckpt.save(3, state, extra={"data_position": 9}, force=True)
+        ckpt.close()
+        step, restored, extra = Checkpointer("gs://bucket/runs/x/checkpoints",
+                                             save_every=1).restore(_state(1))
+        numpy_step, tree = load_numpy("gs://bucket/runs/x/checkpoints")
+    assert step == numpy_step == 3 and extra == {"data_position": 9}
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    np.testing.assert_array_equal(tree["params"]["w"], np.asarray(state["params"]["w"]))
+    # the arrays went through TensorStore's GCS kvstore spec, the files into the "bucket"
+    assert any(k.startswith("gs://bucket/runs/x/checkpoints/3/state") for k in kvstores)
+    assert (tmp_path / "bucket/runs/x/checkpoints/3/state/_METADATA").is_file()
+    assert (tmp_path / "bucket/runs/x/checkpoints/3/commit_success.txt").is_file()
+
+
+def test_run_dir_puts_checkpoints_under_trainkit_checkpoint_root(tmp_path, monkeypatch):
+    """A run's small files stay local; its checkpoints go to the object store, the run
+    records where, and a resume without the same root is refused (it would restart at 0)."""
+    from trainkit.loop import LoopSettings, fit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRAINKIT_CHECKPOINT_ROOT", "gs://bucket/ck/")
+    chunk = jax.jit(lambda s, n: ({"x": s["x"] + n}, {"loss": jnp.full((n,), 1.0) * s["x"]}),
+                    static_argnums=1)
+    start = {"x": jnp.float32(0)}
+    settings = LoopSettings(num_steps=4, chunk_size=2, save_every=2, key_metric=None)
+    with fake_gcs(tmp_path / "gcs"):
+        run = RunDir("runs/r")
+        assert str(run.checkpoints_dir) == "gs://bucket/ck/runs/r/checkpoints"
+        run.write_run_info({"experiment": "x"})
+        (run.path / "config.json").write_text("{}")
+        state, logger = fit(run, start, chunk, LoopSettings(
+            num_steps=2, chunk_size=2, save_every=2, key_metric=None))
+        logger.close()
+        resumed = RunDir("runs/r", must_exist=True)
+        state, logger = fit(resumed, start, chunk, settings, resume=True)
+        logger.close()
+    assert float(state["x"]) == 4.0  # resumed from the remote step-2 checkpoint, not from 0
+    assert sorted(os.listdir(tmp_path / "gcs/bucket/ck/runs/r/checkpoints")) == ["2", "4"]
+    assert not (tmp_path / "runs/r/checkpoints").exists()
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+    monkeypatch.delenv("TRAINKIT_CHECKPOINT_ROOT")
+    with pytest.raises(RunDirError, match="set TRAINKIT_CHECKPOINT_ROOT"):
+        RunDir("runs/r", must_exist=True)
+    with pytest.raises(RunDirError, match="must be a local directory"):
+        RunDir("gs://bucket/runs/r")
 
 
 @pytest.mark.parametrize("damaged", ["arrays.npz", "params.pkl", "info.json"])

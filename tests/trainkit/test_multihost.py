@@ -2,7 +2,9 @@
 training result as one process."""
 
 import json
+import signal
 import socket
+import time
 
 import jax
 import numpy as np
@@ -54,3 +56,126 @@ def test_two_processes_match_one(tmp_path, subprocess_env):
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+# --- 2 processes x 2 simulated devices each vs one process with 4 -----------------------------
+
+
+
+def _env(base, devices, pid=None, port=None, **extra):
+    env = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    if pid is not None:
+        env.update(TRAINKIT_COORDINATOR=f"127.0.0.1:{port}", TRAINKIT_NUM_PROCESSES="2",
+                   TRAINKIT_PROCESS_ID=str(pid))
+    return env
+
+
+def _start_pair(args, base, **extra):
+    port = _free_port()
+    return [start_cli(args, _env(base, 2, pid, port, **extra)) for pid in range(2)]
+
+
+def _wait_all(procs, timeout=400):
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        errors.append(err)
+    return errors
+
+
+def _latest_step(run_dir):
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+# A 1-layer Qwen3 on 64 arithmetic problems, fsdp over all devices. Warm-up 50 steps: every
+# step below runs in the warm-up, where the LR does not depend on train.steps, so a run
+# started with steps=1000 and resumed with steps=K trains exactly what a steps=K run does.
+LM = ["run", "lm_pretrain", "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64",
+      "--set", "model.num_hidden_layers=1", "--set", "model.num_attention_heads=2",
+      "--set", "model.num_key_value_heads=1", "--set", "data.num_train=64",
+      "--set", "data.num_eval=2", "--set", "data.seq_len=24", "--set", "train.max_new_tokens=2",
+      "--set", "train.chunk_size=2", "--set", "train.save_every=2", "--set", "train.batch_size=8",
+      "--set", "train.warmup_steps=50", "--set", "train.eval_every=1000", "--set", "mesh.fsdp=-1"]
+
+
+def test_lm_pretrain_fsdp_killed_and_resumed_on_two_processes_matches_one(tmp_path,
+                                                                          subprocess_env):
+    """Two processes train lm_pretrain with fsdp over their 2 + 2 devices, each feeding its
+    half of every batch. SIGKILL of process 1 stops process 0 within a bounded time (JAX's
+    coordination service, heartbeat timeout 5 s here), with JAX's message; ``--resume`` on
+    both continues from the last checkpoint to the parameters a single process with 4
+    devices reaches."""
+    multi = tmp_path / "multi"
+    procs = _start_pair([*LM, "--set", "train.steps=1000", "--run-dir", str(multi)],
+                        subprocess_env, TRAINKIT_HEARTBEAT_TIMEOUT="5")
+    deadline = time.time() + 400
+    while not (multi / "checkpoints").is_dir() or _latest_step(multi) is None:
+        assert time.time() < deadline and procs[0].poll() is None, "no checkpoint was written"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    stopped_after = time.time() - killed_at
+    procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert stopped_after < 60, stopped_after
+    assert ("another task died" in err or "Connection reset by peer" in err
+            or "Connection closed by peer" in err), err[-2000:]
+
+    steps = _latest_step(multi) + 2
+    assert steps <= 50  # still in the warm-up (see LM)
+    final = ["--set", f"train.steps={steps}"]
+    single = tmp_path / "single"
+    reference = start_cli([*LM, *final, "--run-dir", str(single)], _env(subprocess_env, 4))
+    procs = _start_pair([*LM, *final, "--run-dir", str(multi), "--resume"], subprocess_env)
+    errors = _wait_all([reference, *procs])
+    for proc, err in zip([reference, *procs], errors):
+        assert proc.returncode == 0, err[-3000:]
+    info = json.loads((multi / "run.json").read_text())
+    assert info["versions"]["processes"] == "2" and info["versions"]["devices"] == "4"
+    assert len(info["resumed"]) == 1
+    a = json.loads((single / "summary.json").read_text())["final"]
+    b = json.loads((multi / "summary.json").read_text())["final"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    pa, pb = _final_params(single, steps), _final_params(multi, steps)
+    leaves_a, leaves_b = jax.tree.leaves(pa), jax.tree.leaves(pb)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    # the log reads as if the run had never stopped: one row per step
+    rows = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+
+
+GRAMA = ["run", "grama", "--seeds", "4", "--set", "critics=mlp", "--set", "resets=regrama",
+         "--set", "total_steps=128", "--set", "chunk_steps=64", "--set", "learning_starts=32",
+         "--set", "batch_size=16", "--set", "width=16", "--set", "health_every=16",
+         "--set", "reset_every=32"]
+
+
+def test_grama_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_env):
+    """SAC with ReGraMa resets, 4 seeds sharded over 2 processes x 2 devices: each process
+    steps the environments, buffers and agents of its 2 seeds (keys split from the run's
+    seed, whichever process holds them); the result equals one process with 4 devices."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [start_cli([*GRAMA, "--run-dir", str(single)], _env(subprocess_env, 4)),
+             *_start_pair([*GRAMA, "--run-dir", str(multi)], subprocess_env)]
+    for proc, err in zip(procs, _wait_all(procs)):
+        assert proc.returncode == 0, err[-3000:]
+    a = json.loads((single / "summary.json").read_text())["final"]
+    b = json.loads((multi / "summary.json").read_text())["final"]
+    assert a.keys() == b.keys() and any("eval_return" in k for k in a)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, nan_ok=True), key
+    sub = "configs/gymnax_Pendulum-v1--mlp--regrama/checkpoints"
+    _, sa = load_numpy(single / sub)
+    _, sb = load_numpy(multi / sub)
+    leaves_a, leaves_b = jax.tree.leaves(sa["critic"]), jax.tree.leaves(sb["critic"])
+    assert len(leaves_a) == len(leaves_b) > 0
+    assert leaves_a[0].shape[0] == 4  # one row per seed
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    # the 4 seeds are 4 different agents (per-seed keys), not one agent copied
+    biggest = max(leaves_a, key=np.size)
+    assert not np.allclose(biggest[0], biggest[1])
