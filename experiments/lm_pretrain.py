@@ -44,6 +44,7 @@ from trainkit.loop import LoopSettings, count_params, fit
 from trainkit.run import RunDir, final_metrics, is_main_process, read_json, write_json
 from trainkit.sharding import (
     BATCH_AXES,
+    MeshConfig,
     make_global_batch,
     make_mesh,
     param_shardings,
@@ -97,23 +98,6 @@ class TrainConfig(Config):
     save_every: int = field(500, ge=1)
     eval_every: int = field(150, ge=1)
     max_new_tokens: int = field(24, ge=1, help="generation budget for evaluation")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig(Config):
-    """Device mesh (``trainkit.sharding`` axes). The default, 1 x 1 x 1, trains on one
-    device; ``fsdp=-1`` shards parameters over all devices of all processes."""
-
-    data: int = field(1, ge=-1, help="data-parallel size (-1: all devices left)")
-    fsdp: int = field(1, ge=-1, help="fully-sharded data-parallel size (-1: all devices left)")
-    model: int = field(1, ge=-1, help="tensor-parallel size")
-
-    def validate(self):
-        for name in ("data", "fsdp", "model"):
-            if getattr(self, name) == 0:
-                raise self.invalid(name, "must be a positive size or -1")
-        if [self.data, self.fsdp, self.model].count(-1) > 1:
-            raise self.invalid("fsdp", "at most one mesh axis may be -1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from trainkit.config import Config, field, load_json
 from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir, final_metrics, read_json
-from trainkit.sharding import batch_sharding, make_mesh, param_shardings
+from trainkit.sharding import MeshConfig, batch_sharding, make_mesh, param_shardings
 
 ACTIVATIONS = {"relu": nnx.relu, "gelu": nnx.gelu, "tanh": jnp.tanh, "silu": nnx.silu}
 
@@ -68,26 +68,12 @@ class TrainConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig(Config):
-    data: int = field(-1, ge=-1, help="data-parallel size (-1: all devices left)")
-    fsdp: int = field(1, ge=-1, help="fully-sharded data-parallel size")
-    model: int = field(1, ge=-1, help="tensor-parallel size")
-
-    def validate(self):
-        for name in ("data", "fsdp", "model"):
-            if getattr(self, name) == 0:
-                raise self.invalid(name, "must be a positive size or -1")
-        if [self.data, self.fsdp, self.model].count(-1) > 1:
-            raise self.invalid("fsdp", "at most one mesh axis may be -1")
-
-
-@dataclasses.dataclass(frozen=True)
 class QuickstartConfig(Config):
     seed: int = field(0, ge=0)
     model: ModelConfig = field(factory=ModelConfig)
     optim: OptimConfig = field(factory=OptimConfig)
     train: TrainConfig = field(factory=TrainConfig)
-    mesh: MeshConfig = field(factory=MeshConfig)
+    mesh: MeshConfig = field(factory=lambda: MeshConfig(data=-1))  # all devices
 
 
 def smoke() -> QuickstartConfig:

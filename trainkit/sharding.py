@@ -17,6 +17,7 @@ gloo collectives so two processes on 127.0.0.1 behave like two hosts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from trainkit.config import Config, field
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -41,6 +44,24 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("seq", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Config):
+    """The ``mesh`` section of an experiment's config: sizes of the mesh axes of
+    :func:`make_mesh`. The default, 1 x 1 x 1, is one device; one size may be -1 (the devices
+    left over, e.g. ``fsdp=-1``: parameters sharded over every device of every process)."""
+
+    data: int = field(1, ge=-1, help="data-parallel size (-1: all devices left)")
+    fsdp: int = field(1, ge=-1, help="fully-sharded data-parallel size (-1: all devices left)")
+    model: int = field(1, ge=-1, help="tensor-parallel size")
+
+    def validate(self):
+        for name in ("data", "fsdp", "model"):
+            if getattr(self, name) == 0:
+                raise self.invalid(name, "must be a positive size or -1")
+        if [self.data, self.fsdp, self.model].count(-1) > 1:
+            raise self.invalid("fsdp", "at most one mesh axis may be -1")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
