@@ -4,7 +4,8 @@ A checkpoint holds everything needed to continue exactly: the train state pytree
 optimizer state, step, PRNG keys, environment or replay state: any arrays) and a JSON
 ``extra`` dict (data-iterator state, counters). Orbax writes each step to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous
-checkpoint intact.
+checkpoint intact. A checkpoint damaged later (by the disk or object store) is set aside
+and ``restore`` falls back to the one before it (:meth:`Checkpointer.restore`).
 
 Typed PRNG keys (``jax.random.key``) are stored as their raw key data and rebuilt on
 restore from the template's key type; zero-size arrays (which orbax cannot store) are
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +124,33 @@ class Checkpointer:
 
     def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
         """Restore into the structure, dtypes and shardings of ``template``.
-        Returns ``(step, state, extra)``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        Returns ``(step, state, extra)``.
+
+        With ``step=None``, the latest checkpoint that can be read: saves are atomic, so a kill
+        never leaves a torn one, but a disk or object store can still damage one later. A
+        damaged latest checkpoint is then moved aside to ``damaged-<step>`` (kept for
+        inspection, never deleted; the next save of that step writes a fresh one), one
+        ``warning:`` line on stderr says so, and the one before it is restored. Files are only
+        moved when an earlier checkpoint did restore: if none can be read, the
+        :class:`CheckpointError` names the latest and nothing changes."""
+        if step is not None:
+            return self._restore(template, step)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        errors = []
+        for candidate in steps:
+            try:
+                result = self._restore(template, candidate)
+            except CheckpointError as err:
+                errors.append(err)
+                continue
+            if errors:
+                self._set_aside(steps[:len(errors)], errors, candidate)
+            return result
+        raise errors[0]
+
+    def _restore(self, template: Any, step: int) -> tuple[int, Any, dict]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)),
                                   extra=ocp.args.JsonRestore())
         try:
@@ -137,6 +162,24 @@ class Checkpointer:
         state = _from_savable(restored["state"], template)
         self._last_saved = step
         return step, state, dict(restored["extra"] or {})
+
+    def _set_aside(self, damaged: list[int], errors: list[CheckpointError], restored: int) -> None:
+        """Rename each damaged step directory to ``damaged-<step>`` (process 0; the others wait
+        for it) so that orbax no longer lists it and a later save of the step succeeds."""
+        if jax.process_index() == 0:
+            for step, err in zip(damaged, errors):
+                target = self.directory / f"damaged-{step}"
+                n = 1
+                while target.exists():  # damaged twice at the same step: keep both
+                    target, n = self.directory / f"damaged-{step}.{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                print(f"warning: {err}; moved to {target}, resuming from step {restored}",
+                      file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("trainkit-checkpoint-set-aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

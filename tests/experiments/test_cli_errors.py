@@ -7,6 +7,7 @@ real command in a subprocess, where anything a library prints (orbax logs, trace
 background threads or at interpreter exit) would also show.
 """
 
+import json
 import os
 import random
 import shutil
@@ -185,11 +186,11 @@ def _checkpoint_steps(run_dir):
     return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _corrupt_latest_checkpoint(run_dir, how):
-    """Damage every file of the latest checkpoint: ``truncate`` cuts each to half its length
+def _corrupt_checkpoint(run_dir, step, how):
+    """Damage every file of checkpoint ``step``: ``truncate`` cuts each to half its length
     (the JSON metadata breaks first); ``garble`` overwrites the array data with random bytes
     (the metadata stays readable, so the failure comes from reading the arrays)."""
-    step_dir = run_dir / "checkpoints" / str(_checkpoint_steps(run_dir)[-1])
+    step_dir = run_dir / "checkpoints" / str(step)
     files = sorted(p for p in step_dir.rglob("*") if p.is_file())
     if how == "garble":
         files = [p for p in files if p.parent.name == "d"]  # ocdbt data files: state/**/d/*
@@ -204,15 +205,41 @@ def _corrupt_latest_checkpoint(run_dir, how):
     return step_dir
 
 
+def _summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "garble"])
-def test_resume_from_corrupt_checkpoint(how, trained_run, capsys, tmp_path):
+def test_resume_from_corrupt_checkpoint_falls_back_to_the_one_before(how, trained_run, capsys,
+                                                                       tmp_path):
+    """The latest checkpoint (20) damaged: ``--resume`` warns in one line, sets it aside,
+    resumes from 10 and ends with exactly the parameters of the run that never broke."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    step_dir = _corrupt_latest_checkpoint(run_dir, how)
+    step_dir = _corrupt_checkpoint(run_dir, 20, how)
+    code, _, err = cli(RUN + ["--run-dir", run_dir, "--resume", *SMALL], capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint {step_dir} cannot be "
+                                                   "restored"), err
+    assert "damaged-20" in lines[0] and lines[0].endswith("resuming from step 10")
+    assert _checkpoint_steps(run_dir) == [10, 20]
+    assert (run_dir / "checkpoints" / "damaged-20").is_dir()
+    assert _summary(run_dir)["params_sha256"] == _summary(trained_run)["params_sha256"]
+
+
+@pytest.mark.slow
+def test_resume_with_no_readable_checkpoint_is_one_error_and_changes_nothing(trained_run,
+                                                                             capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    _corrupt_checkpoint(run_dir, 10, "truncate")
+    step_dir = _corrupt_checkpoint(run_dir, 20, "truncate")
     code, _, err = cli(RUN + ["--run-dir", run_dir, "--resume", "--set", "train.steps=40"], capsys)
     assert_one_line_error(code, err, f"checkpoint {step_dir}", "cannot be restored")
-    assert _checkpoint_steps(run_dir) == [10, 20], "a failed resume must not write checkpoints"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20"], \
+        "a failed resume must not write or move checkpoints"
 
 
 @pytest.mark.slow
@@ -260,11 +287,21 @@ def test_subprocess_unknown_config_key(cli_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "garble"])
 def test_subprocess_resume_from_corrupt_checkpoint(how, trained_run_subprocess, cli_env, tmp_path):
-    # Before the fix in experiments/__main__.py, "truncate" also printed orbax's absl ERROR
-    # line and "garble" a "RuntimeError: Event loop is closed" traceback after the error.
+    """Nothing but the one line reaches stderr. ``truncate`` damages both checkpoints (the
+    error path), ``garble`` only the latest (the fallback path, which must say one warning
+    line). Before the fix in experiments/__main__.py, "truncate" also printed orbax's absl
+    ERROR line and "garble" a "RuntimeError: Event loop is closed" traceback after the error."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run_subprocess, run_dir)
-    step_dir = _corrupt_latest_checkpoint(run_dir, how)
+    if how == "truncate":
+        _corrupt_checkpoint(run_dir, 10, how)
+    step_dir = _corrupt_checkpoint(run_dir, 20, how)
     res = run_cli(["run", "quickstart", "--run-dir", str(run_dir), "--resume",
                    "--set", "train.steps=40"], cli_env, timeout=120)
-    _assert_subprocess_one_line_error(res, f"checkpoint {step_dir}", "cannot be restored")
+    if how == "truncate":
+        _assert_subprocess_one_line_error(res, f"checkpoint {step_dir}", "cannot be restored")
+    else:
+        assert res.returncode == 0, res.stderr
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint {step_dir}"), \
+            res.stderr

@@ -80,6 +80,49 @@ def test_missing_and_corrupt_checkpoints_raise_checkpoint_error(tmp_path):
         Checkpointer(tmp_path / "ck", save_every=1).restore(_state())
 
 
+def _garble(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as fh:
+                fh.write(b"\x00garbage")
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, max_to_keep=3, async_save=False)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(step), extra={"at": step}, force=True)
+    ckpt.close()
+    _garble(tmp_path / "ck" / "3")
+    _garble(tmp_path / "ck" / "2")
+    capsys.readouterr()
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, max_to_keep=3, async_save=False)
+    step, restored, extra = ckpt.restore(_state(0))
+    assert step == 1 and extra == {"at": 1}
+    np.testing.assert_array_equal(restored["params"]["w"], _state(1)["params"]["w"])
+    # each damaged step is kept aside, named, and said on one line
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1", "damaged-2", "damaged-3"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: checkpoint ") for line in lines)
+    assert "/3 cannot be restored" in lines[0] and "damaged-3" in lines[0]
+    assert lines[0].endswith("resuming from step 1")
+    # the run goes on: the same steps save again, and the next resume takes the newest
+    assert ckpt.save(2, _state(2), force=True) and ckpt.save(3, _state(3), force=True)
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ck", save_every=1).restore(_state(0))[0] == 3
+
+
+def test_no_readable_checkpoint_names_the_latest_and_moves_nothing(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), force=True)
+    ckpt.close()
+    _garble(tmp_path / "ck" / "1")
+    _garble(tmp_path / "ck" / "2")
+    with pytest.raises(CheckpointError, match=r"ck/2 cannot be restored"):
+        Checkpointer(tmp_path / "ck", save_every=1).restore(_state(0))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1", "2"]
+
+
 def test_mismatched_template_is_a_checkpoint_error(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
     ckpt.save(1, {"w": jnp.ones((2, 2))}, force=True)
