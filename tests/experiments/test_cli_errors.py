@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-from pathlib import Path
 
 import jax
 import pytest
