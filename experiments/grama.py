@@ -31,6 +31,7 @@ what one process does. A multi-process run needs ``--seeds`` divisible by the de
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
+from trainkit.stats import mean_ci
 from trainkit.run import (
     RunDir,
     final_metrics,
@@ -182,7 +184,7 @@ def _name(task: str, critic: str, reset: str, agent: str = "sac") -> str:
 
 
 LOGGED = ("episode_return", "critic_loss", "q_mean", "reset_neurons", "critic/dormant/all",
-          "critic/grama/all", "critic/srank", "alpha")
+          "critic/grama/all", "critic/grama_kernel/all", "critic/srank", "alpha")
 
 
 def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
@@ -250,7 +252,8 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
         params[name] = state.critic
     metrics = {}
     for name, final in finals.items():
-        for key in ("eval_return", "episode_return", "critic/dormant/all", "critic/grama/all"):
+        for key in ("eval_return", "episode_return", "critic/dormant/all", "critic/grama/all",
+                    "critic/grama_kernel/all"):
             if key in final:
                 metrics[f"{name}/{key}"] = float(np.nanmean(np.asarray(final[key], np.float64)))
     return RunResult(params=params, metrics=metrics, steps=cfg.total_steps)
@@ -269,16 +272,46 @@ def _series(sub, key):
     return steps, values.T
 
 
+def per_seed_final(sub, key: str, window: int) -> np.ndarray | None:
+    """``[seeds]``: each seed's mean of ``key`` over the last ``window`` rows that log it
+    (NaN rows, chunks without a health report, left out), or None if it was never logged."""
+    steps, values = _series(sub, key)
+    if not steps:
+        return None
+    with warnings.catch_warnings():  # a seed whose window holds only NaN gives NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values[:, -window:], axis=1)
+
+
+def _ci(values, digits: int = 3) -> str:
+    if values is None:
+        return "-"
+    mean, half, n = mean_ci(values)
+    return f"{float(mean):.{digits}f} ± {float(half):.{digits}f}" if n >= 2 else f"{float(mean):.{digits}f}"
+
+
+# The two GraMa scores, as the report names them. For a neuron j with incoming kernel column
+# W[:, j]: kernel score g_j = mean_i |dL/dW_ij| (what public ReGraMa re-implementations compute
+# for every layer); gamma score g_j = |dL/dgamma_j| where a LayerNorm follows the Dense (our
+# choice for such layers, jaxrl_suite.health.grama_layer_scores "auto"; the two are the same
+# score in a layer without LayerNorm).
+SCORES = (("critic/dormant/all", "tau-dormant"), ("critic/grama/all", "GraMa (gamma in LN layers)"),
+          ("critic/grama_kernel/all", "GraMa (kernel, every layer)"))
+
+
 def report(run_dir: RunDir) -> str:
     cfg = load_json(GramaConfig, run_dir.config_path)
     chunk = cfg.chunk_steps
-    figures, rows = [], []
+    window = max(1, (cfg.total_steps // cfg.chunk_steps) // 5)
+    figures, rows, diffs = [], [], []
     for task in cfg.tasks:
         for agent in cfg.agents:
             title = f"{task} ({agent.upper()})"
             for key, ylabel in (("episode_return", "training episode return"),
                                 ("critic/dormant/all", f"critic neurons tau-dormant (tau={cfg.tau})"),
-                                ("critic/grama/all", f"critic neurons GraMa-inactive (tau={cfg.tau})")):
+                                ("critic/grama/all", f"critic neurons GraMa-inactive (tau={cfg.tau})"),
+                                ("critic/grama_kernel/all",
+                                 f"GraMa-inactive, kernel score (tau={cfg.tau})")):
                 curves = {}
                 for critic in cfg.critics:
                     for reset in cfg.resets:
@@ -293,22 +326,38 @@ def report(run_dir: RunDir) -> str:
                                                          xlabel="env steps", ylabel=ylabel,
                                                          title=title))
     for task, agent, critic, reset in _grid(cfg):
-        path = run_dir.path / "configs" / _name(task, critic, reset, agent) / "summary.json"
-        if not path.exists():
+        sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
+        if not (sub / "summary.json").exists():
             continue
-        final = read_json(path)["final"]
-        m = lambda k: (float(np.nanmean(np.asarray(final[k], np.float64))) if k in final else "-")
-        rows.append([task, agent, critic, reset, m("eval_return"), m("episode_return"),
-                     m("critic/dormant/all"), m("critic/grama/all"), m("critic/srank")])
+        final = {key: per_seed_final(sub, key, window) for key in
+                 ("eval_return", "episode_return", "critic/srank", *(k for k, _ in SCORES))}
+        final["eval_return"] = per_seed_final(sub, "eval_return", 1)
+        rows.append([task, agent, critic, reset, _ci(final["eval_return"], 0),
+                     _ci(final["episode_return"], 0), *(_ci(final[k]) for k, _ in SCORES),
+                     _ci(final["critic/srank"], 1)])
+        dormant = final["critic/dormant/all"]
+        if dormant is not None:
+            diffs.append([task, agent, critic, reset, *(
+                _ci(final[k] - dormant) if final[k] is not None else "-" for k, _ in SCORES[1:])])
     table = plots.markdown_table(rows, ["task", "agent", "critic", "reset",
                                         "eval return (deterministic)", "training return (last 20%)",
-                                        "tau-dormant fraction", "GraMa-inactive fraction", "srank"])
+                                        *(f"{name} fraction" for _, name in SCORES), "srank"])
+    diff_table = plots.markdown_table(diffs, ["task", "agent", "critic", "reset",
+                                              *(f"{name} minus tau-dormant" for _, name in SCORES[1:])])
     agents = " and ".join(a.upper() for a in cfg.agents)
     text = (f"# grama\n\n{agents}, {cfg.total_steps} env steps per run, critic depth {cfg.depth} "
             f"width {cfg.width} {cfg.activation}, resets every {cfg.reset_every} updates at tau "
-            f"{cfg.tau}; means over seeds (curves: mean and 95% CI). Fractions are of the critic's "
-            f"hidden neurons at the last health report of each chunk, averaged over the last 20% "
-            f"of training.\n\n{table}\n\n"
+            f"{cfg.tau}. Cells: mean ± 95% t-interval over seeds (`trainkit.stats.mean_ci`; a "
+            f"bare number when one seed). Fractions are of the critic's hidden neurons at the last "
+            f"health report of each chunk, each seed averaged over the last {window} chunks.\n\n"
+            f"Two GraMa scores (they differ only in layers followed by a LayerNorm): *kernel*, "
+            f"g_j = mean_i |dL/dW_ij| over neuron j's incoming weights, the score public ReGraMa "
+            f"re-implementations compute for every layer; *gamma*, g_j = |dL/dgamma_j| of the "
+            f"LayerNorm scale, our choice for such layers (exactly 0 for a dead neuron, where the "
+            f"kernel gradient is not: see `jaxrl_suite.health.grama_layer_scores`).\n\n{table}\n\n"
+            f"## Does the gradient score flag neurons the activation score misses?\n\n"
+            f"Per seed, GraMa-inactive fraction minus tau-dormant fraction in the same critic "
+            f"(paired over seeds; an interval that excludes 0 is a difference).\n\n{diff_table}\n\n"
             + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)

@@ -161,9 +161,11 @@ def layer_health(layers: Sequence[NeuronLayer], activations: Mapping[str, jax.Ar
     Keys: ``dormant/<layer>`` (tau-dormant, ``score <= tau_dormant``), ``dead/<layer>`` (tau-dormant
     score exactly 0), ``grama/<layer>`` (GraMa ``<= tau_grama``, ``source="auto"`` of
     :func:`grama_layer_scores`), ``grama_kernel/<layer>`` (GraMa from the kernel gradient, only for
-    layers with a LayerNorm, where it differs), and ``dormant/all``, ``dead/all``, ``grama/all``."""
+    layers with a LayerNorm, where it differs), and ``dormant/all``, ``dead/all``, ``grama/all``,
+    ``grama_kernel/all`` (every layer scored by its kernel gradient: the score public ReGraMa
+    re-implementations use; equal to ``grama/all`` in a network without LayerNorm)."""
     out: dict[str, jax.Array] = {}
-    totals = {"dormant": 0.0, "grama": 0.0, "dead": 0.0}
+    totals = {"dormant": 0.0, "grama": 0.0, "dead": 0.0, "grama_kernel": 0.0}
     n_all = 0
     for l in layers:
         s_act = tau_dormant_scores(activations[l.name])
@@ -174,9 +176,11 @@ def layer_health(layers: Sequence[NeuronLayer], activations: Mapping[str, jax.Ar
         for key, value in fracs.items():
             out[f"{key}/{l.name}"] = value
             totals[key] = totals[key] + value * l.width
+        kernel_frac = fracs["grama"]
         if l.norm_scale is not None:
-            out[f"grama_kernel/{l.name}"] = inactive_fraction(
-                grama_scores(tree_get(grads, l.kernel)), tau_grama)
+            kernel_frac = inactive_fraction(grama_scores(tree_get(grads, l.kernel)), tau_grama)
+            out[f"grama_kernel/{l.name}"] = kernel_frac
+        totals["grama_kernel"] = totals["grama_kernel"] + kernel_frac * l.width
         n_all += l.width
     for key, value in totals.items():
         out[f"{key}/all"] = jnp.asarray(value / max(n_all, 1), jnp.float32)

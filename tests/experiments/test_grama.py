@@ -44,3 +44,40 @@ def test_grama_smoke_logs_health_and_resets(tmp_path, subprocess_env):
     assert list((run_dir / "plots").glob("*grama_all.png"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "gymnax_Pendulum-v1--mlp--regrama/eval_return" in summary["final"]
+
+
+def test_report_gives_seed_intervals_for_both_grama_scores_and_their_paired_gaps(tmp_path):
+    """The report's cells from hand-written logs: per seed, the mean over the last 20% of the
+    chunks; across seeds, the t-interval (checked against scipy); the gap GraMa - tau-dormant
+    paired within each seed."""
+    from scipy import stats as st
+
+    from experiments.grama import GramaConfig, _name, report
+    from trainkit.config import save_json
+    from trainkit.run import RunDir, write_json
+
+    run_dir = RunDir(tmp_path / "run")  # creates the directory
+    cfg = GramaConfig(critics=("mlp-ln",), resets=("none",), total_steps=5000, chunk_steps=1000)
+    save_json(cfg, run_dir.config_path)  # 5 chunks: each seed's window is the last 1 row
+    sub = run_dir.path / "configs" / _name("gymnax/Pendulum-v1", "mlp-ln", "none")
+    sub.mkdir(parents=True)
+    dormant = np.array([0.05, 0.10, 0.07])
+    gamma = np.array([0.20, 0.31, 0.18])
+    kernel = np.array([0.04, 0.12, 0.09])
+    rows = [{"step": s, "critic/dormant/all": [0.9] * 3, "critic/grama/all": [0.9] * 3,
+             "critic/grama_kernel/all": [0.9] * 3} for s in range(1, 5)]
+    rows.append({"step": 5, "critic/dormant/all": dormant.tolist(),
+                 "critic/grama/all": gamma.tolist(), "critic/grama_kernel/all": kernel.tolist(),
+                 "eval_return": [-150.0, -120.0, -180.0]})
+    (sub / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json(sub / "summary.json", {"final": {}})
+    text = open(report(run_dir)).read()
+
+    def cell(values, digits=3):
+        lo, hi = st.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=st.sem(values))
+        return f"{np.mean(values):.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+
+    row, gaps = [line for line in text.splitlines() if line.startswith("| gymnax/Pendulum-v1 |")]
+    assert row.split(" | ")[4:9] == [cell([-150.0, -120.0, -180.0], 0), "-", cell(dormant),
+                                     cell(gamma), cell(kernel)]
+    assert gaps.split(" | ")[4:] == [cell(gamma - dormant), cell(kernel - dormant) + " |"]
