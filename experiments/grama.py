@@ -299,6 +299,23 @@ SCORES = (("critic/dormant/all", "tau-dormant"), ("critic/grama/all", "GraMa (ga
           ("critic/grama_kernel/all", "GraMa (kernel, every layer)"))
 
 
+def reset_layers(cfg: GramaConfig, critic: str, reset: str) -> str:
+    """``"k of n"``: how many of the critic's n hidden (neuron) layers the reset rule can reset.
+    ReDo zeroes a reset neuron's outgoing weights, which a layer writing into a residual stream
+    does not have as its own (jaxrl_suite.health.redo_scores skips those layers); ReGraMa keeps
+    outgoing weights and resets every layer. So in residual critics the two arms do not reset
+    the same layers, and the report says so."""
+    if reset == "none":
+        return "-"
+    from flax import nnx
+
+    from jaxrl_suite.networks import make_network
+
+    layers = make_network(_critic_network(cfg, critic), 4, 1, nnx.Rngs(0)).neuron_layers()
+    n = sum(layer.isolable for layer in layers) if reset == "redo" else len(layers)
+    return f"{n} of {len(layers)}"
+
+
 def report(run_dir: RunDir) -> str:
     cfg = load_json(GramaConfig, run_dir.config_path)
     chunk = cfg.chunk_steps
@@ -332,14 +349,15 @@ def report(run_dir: RunDir) -> str:
         final = {key: per_seed_final(sub, key, window) for key in
                  ("eval_return", "episode_return", "critic/srank", *(k for k, _ in SCORES))}
         final["eval_return"] = per_seed_final(sub, "eval_return", 1)
-        rows.append([task, agent, critic, reset, _ci(final["eval_return"], 0),
+        rows.append([task, agent, critic, reset, reset_layers(cfg, critic, reset),
+                     _ci(final["eval_return"], 0),
                      _ci(final["episode_return"], 0), *(_ci(final[k]) for k, _ in SCORES),
                      _ci(final["critic/srank"], 1)])
         dormant = final["critic/dormant/all"]
         if dormant is not None:
             diffs.append([task, agent, critic, reset, *(
                 _ci(final[k] - dormant) if final[k] is not None else "-" for k, _ in SCORES[1:])])
-    table = plots.markdown_table(rows, ["task", "agent", "critic", "reset",
+    table = plots.markdown_table(rows, ["task", "agent", "critic", "reset", "layers it resets",
                                         "eval return (deterministic)", "training return (last 20%)",
                                         *(f"{name} fraction" for _, name in SCORES), "srank"])
     diff_table = plots.markdown_table(diffs, ["task", "agent", "critic", "reset",

@@ -78,6 +78,17 @@ def test_report_gives_seed_intervals_for_both_grama_scores_and_their_paired_gaps
         return f"{np.mean(values):.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
 
     row, gaps = [line for line in text.splitlines() if line.startswith("| gymnax/Pendulum-v1 |")]
-    assert row.split(" | ")[4:9] == [cell([-150.0, -120.0, -180.0], 0), "-", cell(dormant),
+    assert row.split(" | ")[4:10] == ["-", cell([-150.0, -120.0, -180.0], 0), "-", cell(dormant),
                                      cell(gamma), cell(kernel)]
     assert gaps.split(" | ")[4:] == [cell(gamma - dormant), cell(kernel - dormant) + " |"]
+
+
+def test_reset_layer_sets_are_reported_where_redo_cannot_reach_residual_writers():
+    from experiments.grama import GramaConfig, reset_layers
+
+    cfg = GramaConfig(depth=2, width=8)
+    assert reset_layers(cfg, "mlp", "redo") == reset_layers(cfg, "mlp", "regrama") == "2 of 2"
+    redo, regrama = reset_layers(cfg, "residual", "redo"), reset_layers(cfg, "residual", "regrama")
+    n_redo, n_all = map(int, redo.split(" of "))
+    assert regrama == f"{n_all} of {n_all}" and n_redo < n_all
+    assert reset_layers(cfg, "residual", "none") == "-"
