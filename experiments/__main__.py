@@ -152,11 +152,20 @@ def _show(args) -> int:
 
 
 def _run(args) -> int:
-    from experiments.registry import UserError, execute, get, missing_module_error
+    from experiments.registry import (
+        UserError,
+        execute,
+        get,
+        missing_module_error,
+        require_multihost,
+    )
     from trainkit import config as tc
     from trainkit.run import RunDir, is_main_process, read_json
 
     exp = get(args.name)
+    import jax  # initialised for this process by main() (initialize_distributed)
+
+    require_multihost(exp.name, jax.process_count())
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     if args.resume:

@@ -26,21 +26,25 @@ class Entry(NamedTuple):
     module: str
     extra: str | None  # the pyproject extra whose packages the experiment imports (None: base only)
     what: str  # one line: what it reproduces
+    # True where the experiment divides its work over jax.distributed processes (docs/scaling.md);
+    # the others would have every process compute the whole run, so the CLI refuses that.
+    multihost: bool = False
 
 
 REGISTRY: dict[str, Entry] = {
     "quickstart": Entry("experiments.quickstart", None,
                         "teacher-student MLP regression exercising the whole stack (sharding, "
-                        "checkpoints, guards, logging, plots)"),
+                        "checkpoints, guards, logging, plots)", multihost=True),
     "lm_pretrain": Entry("experiments.lm_pretrain", "llm",
                          "small Qwen3/Qwen2/Llama decoder trained from scratch on arithmetic and "
-                         "Countdown, saved in HF format (the base model of the LLM RL methods)"),
+                         "Countdown, saved in HF format (the base model of the LLM RL methods)",
+                         multihost=True),
     "kl_estimators": Entry("experiments.kl_estimators", "llm",
                            "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
                            "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
     "grama": Entry("experiments.grama", "rl",
                    "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in "
-                   "SAC critics (plain, LayerNorm, residual)"),
+                   "SAC critics (plain, LayerNorm, residual)", multihost=True),
     "flam": Entry("experiments.flam", "audio",
                   "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on "
                   "simulated sound events, open-vocabulary SED on held-out classes "
@@ -243,6 +247,17 @@ def entry(name: str) -> Entry:
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(REGISTRY)}"
         raise UserError(f"unknown experiment '{name}': {hint}")
     return REGISTRY[name]
+
+
+def require_multihost(name: str, processes: int) -> None:
+    """Raise :class:`UserError` when a run over ``processes`` > 1 processes asks for an
+    experiment that does not divide its work over them (every process would compute, and
+    write, the whole run)."""
+    if processes > 1 and not entry(name).multihost:
+        able = ", ".join(n for n, e in REGISTRY.items() if e.multihost)
+        raise UserError(f"experiment '{name}' does not divide its work over processes yet, so each "
+                        f"of these {processes} processes would compute the whole run; run it as "
+                        f"one process, or run one that does: {able} (docs/scaling.md)")
 
 
 def get(name: str) -> Experiment:

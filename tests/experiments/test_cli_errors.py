@@ -304,3 +304,22 @@ def test_subprocess_resume_from_corrupt_checkpoint(how, trained_run_subprocess, 
         lines = res.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint {step_dir}"), \
             res.stderr
+
+
+def test_multi_process_run_of_an_experiment_that_cannot_divide_its_work(capsys, tmp_path,
+                                                                         monkeypatch):
+    """Seen as one of 2 processes, an experiment not marked ``multihost`` in the registry is
+    refused before anything is written (each process would compute and write the whole run);
+    quickstart, which divides its batch over processes, is not refused by that check."""
+    from experiments.registry import REGISTRY, require_multihost
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    code, _, err = cli(["run", "kl_estimators", "--run-dir", tmp_path / "run"], capsys)
+    line = assert_one_line_error(code, err, "'kl_estimators'", "2 processes", "quickstart",
+                                 "lm_pretrain", "grama")
+    assert "kl_estimators" not in line.split("run one that does:")[1]
+    assert not (tmp_path / "run").exists()
+    for name, entry in REGISTRY.items():
+        if entry.multihost:
+            require_multihost(name, 2)  # no error
+        require_multihost(name, 1)
