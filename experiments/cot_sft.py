@@ -11,19 +11,23 @@ in Reasoning Tasks" (arXiv 2512.22255) at laptop scale. Students of two sizes ar
 
 Pipeline (all models trained here; ``paper`` loads them with ``from_pretrained`` instead):
 
-1. **Base students** (two sizes) pretrained on the task's questions with their *final answers
-   only* (``Q: 7+8*3=?\\nA: #### 31``) plus single-operation equation facts (``8*3=24``) as
-   generic text. Why: the base knows the prompt/answer format and the elementary facts, but
-   has never seen a worked trace, so what it learns about multi-step reasoning comes from the
-   SFT traces alone, and the trace styles differ in how close they are to its distribution
+1. **Base students** (sizes ``students``) pretrained on single-operation equation facts
+   (``8*3=24``) as generic text plus questions of up to ``data.base_answer_ops`` operators with
+   their *final answers only* (``Q: 7*3=?\\nA: #### 21``). Why: the base knows the prompt/answer
+   format and the elementary facts, but has never seen a worked trace; with
+   ``base_answer_ops`` below the in-domain operator count (``cpu``: 1 vs 2) it cannot answer the
+   in-domain problems directly either (a base that answers them directly at 0.34 made every
+   SFT gain negative, docs/cot_sft_results.md), so what it learns about multi-step reasoning
+   comes from the SFT traces alone, and the trace styles differ in how close they are to its
+   distribution
    (compact equations are close to its facts; prose is not). Pretraining on traces would let
    every set look alike; pretraining on unrelated text would leave the student unable to
    answer at all at this scale.
-2. **Teacher**: a larger model, same base corpus, then SFT on the tasks' compact worked
+2. **Teacher**: a model of its own shape trained on the facts and the tasks' compact worked
    solutions (``7*3=21, 8+21=29 #### 29``, the model-native style of this project); it
    samples ``teacher_samples`` traces per training problem at ``temperature``, split by the
    grader into G and W.
-3. **Paraphraser**: a copy of the small base student fine-tuned on (human trace -> teacher's
+3. **Paraphraser**: a copy of the first student's base fine-tuned on (human trace -> teacher's
    G trace) pairs; it rewrites every human trace, the correct rewrites are P.
 4. Each trace set's perplexity under each *untrained* (base) student, then SFT of each
    student on each set for ``sft.token_budget`` completion tokens per seed, then greedy
@@ -49,6 +53,7 @@ from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.run import RunDir, read_json, write_json
 
 TRACE_SETS = ("H", "G", "W", "P", "F1", "F2", "F3", "F4")
+STUDENTS = ("small", "large")
 JSONL_TASKS = ("gsm8k", "math")
 
 
@@ -90,7 +95,10 @@ class DataConfig(Config):
     ood_ops: int = field(3, ge=1, help="out-of-domain arithmetic: operators (longer problems)")
     max_value: int = field(9, ge=1)
     countdown_numbers: int = field(3, ge=2)
-    num_pretrain: int = field(2000, ge=1, help="question/answer problems of the base corpus")
+    num_pretrain: int = field(2000, ge=1, help="base corpus: equation facts, and at most this many "
+                              "question/answer problems")
+    base_answer_ops: int = field(3, ge=0, help="the base corpus answers (directly, no trace) problems "
+                                 "with up to this many operators only; 0 = equation facts only")
     num_teacher: int = field(2000, ge=1, help="problems with compact traces for the teacher")
     num_train: int = field(400, ge=1, help="SFT problems (every trace set is made from them)")
     num_eval: int = field(64, ge=1, help="evaluation problems, each of in and out of domain")
@@ -114,6 +122,8 @@ class GenerationConfig(Config):
 class CotSFTConfig(Config):
     seed: int = field(0, ge=0)
     trace_sets: tuple[str, ...] = field(TRACE_SETS, help="subset of H G W P F1 F2 F3 F4")
+    students: tuple[str, ...] = field(STUDENTS, help="student sizes trained (subset of small large); "
+                                      "the first one's base is also the paraphraser's start")
     models: ModelsConfig = field(factory=ModelsConfig)
     data: DataConfig = field(factory=DataConfig)
     generation: GenerationConfig = field(factory=GenerationConfig)
@@ -130,46 +140,58 @@ class CotSFTConfig(Config):
         bad = [s for s in self.trace_sets if s not in TRACE_SETS]
         if bad or not self.trace_sets:
             raise ConfigError("trace_sets", self.trace_sets, f"each must be one of {', '.join(TRACE_SETS)}")
+        if not self.students or any(s not in STUDENTS for s in self.students):
+            raise ConfigError("students", self.students, f"each must be one of {', '.join(STUDENTS)}")
         if self.data.task in JSONL_TASKS and any(s.startswith("F") for s in self.trace_sets):
             raise ConfigError("trace_sets", self.trace_sets, "flaw levels need a reference solver "
                               "(tasks arithmetic, countdown); drop F1..F4 for JSONL tasks")
 
 
 def smoke() -> CotSFTConfig:
-    """Seconds: tiny models, one-operator problems; every stage shares one row shape so each
-    model shape compiles its step once."""
+    """Seconds: tiny models, one-operator problems, the small student only; every stage shares
+    one row shape so each model shape compiles its step once."""
     tiny = ArchConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=16)
     larger = dataclasses.replace(tiny, hidden_size=64, num_hidden_layers=2, intermediate_size=128)
     stage = lambda budget, lr: SFTConfig(seq_len=128, batch_size=8, token_budget=budget, lr=lr,  # noqa: E731
                                          chunk_size=50)
     return CotSFTConfig(
-        trace_sets=("H", "G", "W", "P", "F2", "F4"),
+        trace_sets=("H", "G", "W", "P", "F2", "F4"), students=("small",),
         models=ModelsConfig(small=tiny, large=larger, teacher=larger),
-        data=DataConfig(min_ops=1, max_ops=1, ood_ops=2, max_value=12, num_pretrain=200, num_teacher=250, num_train=48,
-                        num_eval=8),
+        data=DataConfig(min_ops=1, max_ops=1, ood_ops=2, max_value=12, num_pretrain=200, base_answer_ops=2,
+                        num_teacher=250, num_train=48, num_eval=8),
         generation=GenerationConfig(teacher_samples=2, max_new_tokens=64, eval_max_new_tokens=64),
         base=stage(3000, 3e-3), teacher=stage(60000, 1e-2), paraphraser=stage(20000, 1e-2),
         sft=stage(1000, 1e-3))
 
 
 def cpu() -> CotSFTConfig:
-    """Minutes on 2 cores with ``--seeds 3``: two-operator arithmetic in domain, three out."""
+    """Half an hour on 2 shared cores with ``--seeds 3``: two-operator arithmetic in domain, three
+    out, the small student only (``--set students=small,large`` adds the large one).
+
+    Chosen from the probes in docs/cot_sft_results.md: the base answers only one-operator
+    questions directly (plus equation facts), so it cannot answer the in-domain problems without
+    a trace (base accuracy ~0) and every gain comes from what SFT teaches; SFT runs ~500
+    steps (300k completion tokens, batch 8 x 128) where 100k tokens / 84 steps left the student
+    unable even to copy the operands; the teacher is smaller and shorter-trained than a
+    near-perfect one, so that several samples at temperature 1 give a real W set."""
     return CotSFTConfig(
+        students=("small",),
         models=ModelsConfig(
             small=ArchConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2),
             large=ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3, head_dim=32),
-            teacher=ArchConfig(hidden_size=160, intermediate_size=480, num_hidden_layers=4, head_dim=40)),
-        data=DataConfig(min_ops=2, max_ops=2, ood_ops=3, max_value=9, num_pretrain=6000,
+            teacher=ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3, head_dim=32)),
+        data=DataConfig(min_ops=2, max_ops=2, ood_ops=3, max_value=9, num_pretrain=6000, base_answer_ops=1,
                         num_teacher=4000, num_train=1000, num_eval=128),
-        generation=GenerationConfig(teacher_samples=4, temperature=1.0, max_new_tokens=96,
+        generation=GenerationConfig(teacher_samples=6, temperature=1.0, max_new_tokens=96,
                                     eval_max_new_tokens=128),
         base=SFTConfig(seq_len=64, batch_size=32, token_budget=800_000, lr=3e-3, warmup_steps=50,
                        chunk_size=100),
-        teacher=SFTConfig(seq_len=128, batch_size=32, token_budget=2_400_000, lr=2e-3, warmup_steps=50,
+        teacher=SFTConfig(seq_len=128, batch_size=32, token_budget=800_000, lr=3e-3, warmup_steps=50,
                           chunk_size=100),
         paraphraser=SFTConfig(seq_len=192, batch_size=16, token_budget=150_000, lr=2e-3, chunk_size=100),
-        sft=SFTConfig(seq_len=128, batch_size=16, token_budget=100_000, lr=1e-3, chunk_size=100))
+        sft=SFTConfig(seq_len=128, batch_size=8, token_budget=300_000, lr=2e-3, warmup_steps=20,
+                      chunk_size=100))
 
 
 def paper() -> CotSFTConfig:
@@ -226,11 +248,11 @@ def _problems(cfg: CotSFTConfig):
     eval_ood = draw(d.num_eval, d.ood_ops, d.ood_ops, seen)
     train = draw(d.num_train, d.min_ops, d.max_ops, seen)
     teacher = draw(d.num_teacher, d.min_ops, d.max_ops, set(seen))
-    # Q/A pretraining: every length up to the OOD one (the base has seen answers to long
-    # problems, never a trace); eval prompts excluded.
+    # Q/A pretraining: direct answers (never a trace) to problems of 1..base_answer_ops
+    # operators; eval prompts excluded.
     pre_rng_problems = []
-    for ops in range(1, d.ood_ops + 1):
-        pre_rng_problems += draw(d.num_pretrain // d.ood_ops, ops, ops, set(seen), exact=False)
+    for ops in range(1, d.base_answer_ops + 1):
+        pre_rng_problems += draw(d.num_pretrain // d.base_answer_ops, ops, ops, set(seen), exact=False)
     return pre_rng_problems, teacher, train, eval_in, eval_ood
 
 
@@ -253,11 +275,12 @@ def equation_facts(max_value: int, seed: int, n: int) -> list[tuple[str, str]]:
 
 
 def base_examples(cfg: CotSFTConfig, pretrain) -> list[tuple[str, str]]:
-    """The base corpus: questions with final answers only, and equation facts."""
+    """The base corpus: ``data.num_pretrain`` equation facts and the questions of ``pretrain``
+    with their final answers only."""
     from llm_rl.tasks import ANSWER_MARK
 
     qa = [(p.prompt, f"{ANSWER_MARK} {p.answer}") for p in pretrain]
-    return qa + equation_facts(cfg.data.max_value, cfg.seed, len(qa))
+    return qa + equation_facts(cfg.data.max_value, cfg.seed, cfg.data.num_pretrain)
 
 
 # --- models --------------------------------------------------------------------------------
@@ -355,20 +378,24 @@ def run(cfg: CotSFTConfig, ctx: RunContext) -> RunResult:
     tok = load_tokenizer(m.small_dir) if m.small_dir else char_tokenizer()
     pretrain, teacher_pool, train, eval_in, eval_ood = _problems(cfg)
     if m.small_dir:
-        bases = {"small": from_pretrained(m.small_dir)[0], "large": from_pretrained(m.large_dir)[0]}
+        dirs = {"small": m.small_dir, "large": m.large_dir}
+        bases = {size: from_pretrained(dirs[size])[0] for size in cfg.students}
         teacher = from_pretrained(m.teacher_dir)[0]
     else:
         base_ex = base_examples(cfg, pretrain)
-        bases = {size: _stage(ctx, tok, f"base_{size}", lambda a=arch, s=i: _new_model(cfg, a, tok, cfg.seed + s),
-                              cfg.base, base_ex, cfg.seed)
-                 for i, (size, arch) in enumerate((("small", m.small), ("large", m.large)))}
+        archs = {"small": m.small, "large": m.large}
+        bases = {}
+        for size in cfg.students:
+            seed = cfg.seed + STUDENTS.index(size)
+            bases[size] = _stage(ctx, tok, f"base_{size}", lambda a=archs[size], s=seed: _new_model(cfg, a, tok, s),
+                                 cfg.base, base_ex, cfg.seed)
         # facts + compact traces; not the answer-only Q/A pairs, which would teach the teacher
         # to answer without a trace
         facts = [ex for ex in base_ex if not ex[0]]
         teacher_ex = facts + [(p.prompt, p.solution) for p in teacher_pool]
         teacher = _stage(ctx, tok, "teacher", lambda: _new_model(cfg, m.teacher, tok, cfg.seed + 7),
                          cfg.teacher, teacher_ex, cfg.seed)
-    sets = build_trace_sets(cfg, ctx, tok, bases["small"], teacher, train)
+    sets = build_trace_sets(cfg, ctx, tok, bases[cfg.students[0]], teacher, train)
     g = cfg.generation
     results = {"sets": {k: {"n": len(v), "correct_frac": float(np.mean([t.correct for t in v])),
                             "mean_chars": float(np.mean([len(t.text) for t in v])),
@@ -406,7 +433,7 @@ def run(cfg: CotSFTConfig, ctx: RunContext) -> RunResult:
         for name in sets:
             accs = [r["in"] for r in results["runs"].values() if r["size"] == size and r["set"] == name]
             metrics[f"{size}/{name}/acc_in"] = float(np.mean(accs))
-    return RunResult(params=nnx.state(bases["small"], nnx.Param), metrics=metrics,
+    return RunResult(params=nnx.state(bases[cfg.students[0]], nnx.Param), metrics=metrics,
                      steps=len(results["runs"]))
 
 
@@ -437,23 +464,46 @@ def _mean_ci(values) -> tuple[float, float]:
     return float(mean[0]), float(ci[0])
 
 
+def _per_seed(values) -> tuple[float, float, int]:
+    """Mean ± 95% CI over seeds of a per-seed statistic (seeds where it is undefined dropped)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return (*_mean_ci(v), len(v)) if len(v) > 1 else (float(v[0]), float("nan"), 1)
+
+
 def summarize(results: dict) -> dict:
-    """Per (size, set, split): per-seed accuracies, mean and 95% CI; per size: the gains over
-    the base student and their correlation with the trace set's perplexity."""
-    out: dict = {"acc": {}, "corr": {}}
-    sizes = sorted({r["size"] for r in results["runs"].values()}, key=["small", "large"].index)
+    """Per (size, set, split): accuracies ordered by seed, their mean and 95% CI. Per (size,
+    split): the gains over the base student and their correlation over trace sets with the set's
+    perplexity, both from the seed means and per seed (mean ± CI of the per-seed correlations);
+    and the least-squares slope of accuracy against flaw level (H = 0, F1..F4) per seed."""
+    out: dict = {"acc": {}, "corr": {}, "flaw_slope": {}}
+    sizes = sorted({r["size"] for r in results["runs"].values()}, key=list(STUDENTS).index)
     sets = [n for n in TRACE_SETS if n in results["sets"]]
+    flaw_sets = [n for n in ("H", "F1", "F2", "F3", "F4") if n in sets]
     for size in sizes:
         for name in sets:
+            rows = sorted((r for r in results["runs"].values() if r["size"] == size and r["set"] == name),
+                          key=lambda r: r["seed"])
             for split in ("in", "ood"):
-                vals = np.asarray([r[split] for r in results["runs"].values()
-                                   if r["size"] == size and r["set"] == name], float)
+                vals = np.asarray([r[split] for r in rows], float)
                 out["acc"][(size, name, split)] = (*_mean_ci(vals), vals.tolist())
         ppl = [float(np.exp(results["nll"][size][n])) for n in sets]
         for split in ("in", "ood"):
-            gains = [out["acc"][(size, n, split)][0] - results["base"][size][split] for n in sets]
-            out["corr"][(size, split)] = {"ppl": ppl, "gain": gains, "pearson": _pearson(np.log(ppl), gains),
-                                          "spearman": _spearman(ppl, gains)}
+            base = results["base"][size][split]
+            gains = [out["acc"][(size, n, split)][0] - base for n in sets]
+            per_seed = np.asarray([out["acc"][(size, n, split)][2] for n in sets], float) - base  # [set, seed]
+            seeds = range(min(len(out["acc"][(size, n, split)][2]) for n in sets))
+            out["corr"][(size, split)] = {
+                "ppl": ppl, "gain": gains, "pearson": _pearson(np.log(ppl), gains),
+                "spearman": _spearman(ppl, gains),
+                "pearson_seeds": _per_seed([_pearson(np.log(ppl), per_seed[:, k]) for k in seeds]),
+                "spearman_seeds": _per_seed([_spearman(ppl, per_seed[:, k]) for k in seeds])}
+            if len(flaw_sets) >= 2:
+                levels = np.asarray([0 if n == "H" else int(n[1]) for n in flaw_sets], float)
+                acc = np.asarray([out["acc"][(size, n, split)][2] for n in flaw_sets], float)
+                out["flaw_slope"][(size, split)] = _per_seed(
+                    [np.polyfit(levels, acc[:, k], 1)[0] for k in range(acc.shape[1])])
     out["sizes"], out["sets"] = sizes, sets
     return out
 
@@ -533,14 +583,22 @@ def report(run_dir: RunDir) -> str:
     base_rows = [[size, f"{results['base'][size]['in']:.3f}", f"{results['base'][size]['ood']:.3f}"]
                  for size in sizes]
     comparisons = []
-    for a, b, label in (("W", "H", "W vs H"), ("P", "H", "P vs H"), ("G", "H", "G vs H")):
+    for a, b, label in (("W", "H", "W vs H"), ("W", "G", "W vs G"), ("P", "H", "P vs H"), ("G", "H", "G vs H"),
+                        ("F4", "H", "F4 vs H")):
         if a in sets and b in sets:
             comparisons.append([label] + [_diff(s, size, a, b, split) for size in sizes
                                           for split in ("in", "ood")])
     flaw_rows = [[n] + [_fmt_acc(s["acc"][(size, n, split)]) for size in sizes for split in ("in", "ood")]
                  for n in flaw_sets]
-    corr_rows = [[size, split, f"{s['corr'][(size, split)]['pearson']:.2f}",
-                  f"{s['corr'][(size, split)]['spearman']:.2f}"] for size in sizes for split in ("in", "ood")]
+
+    def fmt_ci(m):
+        return f"{m[0]:+.2f} ± {m[1]:.2f} ({m[2]} seeds)" if m[2] > 1 else f"{m[0]:+.2f}"
+
+    corr_rows = [[size, split, f"{c['pearson']:.2f}", f"{c['spearman']:.2f}", fmt_ci(c["pearson_seeds"]),
+                  fmt_ci(c["spearman_seeds"])]
+                 for size in sizes for split in ("in", "ood") for c in [s["corr"][(size, split)]]]
+    slope_rows = [[size, split, fmt_ci((100 * mean, 100 * ci, n))]  # in accuracy points
+                  for (size, split), (mean, ci, n) in s["flaw_slope"].items()]
     example_rows = [[n, f"`{results['sets'][n]['example'][:110]}`"] for n in sets]
     rel = lambda p: p.relative_to(run_dir.path)  # noqa: E731
     acc_headers = [f"{size} {split}" for size in sizes for split in ("in", "ood")]
@@ -555,15 +613,23 @@ def report(run_dir: RunDir) -> str:
         + "\n\nOne example per set:\n\n" + plots.markdown_table(example_rows, ["set", "first trace"]) + "\n\n"
         + "".join(f"![accuracy]({rel(f)})\n" for f in figs)
         + "\n## W vs H\n\nAccuracy difference, paired by seed (mean ± 95% CI):\n\n"
-        + plots.markdown_table([r for r in comparisons if r[0] == "W vs H"], ["comparison"] + acc_headers)
+        + plots.markdown_table([r for r in comparisons if r[0] in ("W vs H", "W vs G")],
+                               ["comparison"] + acc_headers)
+        + "\n\nW vs G compares a wrong and a correct final answer in the same (teacher's) style."
         + "\n\n## P vs H\n\n"
         + plots.markdown_table([r for r in comparisons if r[0] in ("P vs H", "G vs H")],
                                ["comparison"] + acc_headers)
         + "\n\n## Accuracy vs flaw level\n\n" + plots.markdown_table(flaw_rows, ["set"] + acc_headers)
+        + "\n\n" + plots.markdown_table([r for r in comparisons if r[0] == "F4 vs H"], ["comparison"] + acc_headers)
+        + "\n\nLeast-squares slope of accuracy against flaw level, per seed (accuracy points per "
+        "level; mean ± 95% CI over seeds):\n\n"
+        + plots.markdown_table(slope_rows, ["student", "split", "slope (points / level)"])
         + "\n\n![flaw levels](plots/accuracy_vs_flaw_level.png)\n\n"
         "## Perplexity vs gain\n\nCorrelation over trace sets between the set's perplexity under the "
-        "untrained student (Pearson on log perplexity) and the accuracy gain SFT on it gives:\n\n"
-        + plots.markdown_table(corr_rows, ["student", "split", "Pearson", "Spearman"])
+        "untrained student (Pearson on log perplexity) and the accuracy gain SFT on it gives, from the "
+        "seed means and per seed (mean ± 95% CI over seeds):\n\n"
+        + plots.markdown_table(corr_rows, ["student", "split", "Pearson", "Spearman", "Pearson per seed",
+                                           "Spearman per seed"])
         + "\n\n![gain vs perplexity](plots/gain_vs_perplexity.png)\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)
