@@ -17,7 +17,10 @@ in the official code (github.com/adobe-research/openflam, ``module/contrastive_l
   The global logit scale is fixed to 1 and the global bias to 0 during SED training, so
   ``alpha`` and ``beta`` are the per-text ones only.
 * Logit adjustment: ``beta`` enters ``L_SED`` through ``stop_gradient`` (official:
-  ``per_text_logit_bias.detach()``); ``alpha`` is trained by ``L_SED``.
+  ``per_text_logit_bias.detach()``); ``alpha`` is trained by ``L_SED``. Without it (the
+  training ablation, ``total_loss(..., logit_adjustment=0)``, :func:`sed_bias`) ``beta`` is
+  an ordinary learnable bias trained by ``L_SED`` and there is no ``L_prior``: the SigLIP
+  sigmoid loss with per-text scale and bias.
 * ``L_prior`` (Eq. 10): ``mean over valid texts k of BCE(sigmoid(beta_k), zbar_k)`` with
   ``zbar_k = sum_{b, l valid} y[b, k, l] / #valid (b, l)`` the positive-frame rate of text
   ``k`` in the batch (``binary_cross_entropy_with_logits(beta, zbar)``).
@@ -469,6 +472,18 @@ def clip_infonce(audio_emb: jax.Array, text_emb: jax.Array, temperature) -> jax.
     return 0.5 * (a2t + t2a)
 
 
+def sed_bias(beta: jax.Array, logit_adjustment) -> jax.Array:
+    """``beta`` as ``L_SED`` sees it: the same value, its gradient scaled by
+    ``1 - logit_adjustment``, i.e. ``beta - la (beta - stop_gradient(beta))``.
+
+    ``la = 1`` (FLAM): ``stop_gradient(beta)``, ``beta`` trained by ``L_prior`` alone;
+    ``la = 0`` (no logit adjustment): ``beta`` trained by ``L_SED``. ``la`` may be a traced
+    scalar, so models with and without logit adjustment can share one ``vmap``-ped step."""
+    la = jnp.asarray(logit_adjustment, beta.dtype)
+    chex.assert_rank(la, 0)
+    return beta - la * (beta - jax.lax.stop_gradient(beta))
+
+
 class FlamLosses(NamedTuple):
     total: jax.Array
     clip: jax.Array
@@ -480,13 +495,17 @@ def total_loss(frames: jax.Array, text: jax.Array, alpha: jax.Array, beta: jax.A
                labels: jax.Array, audio_emb: jax.Array, text_emb: jax.Array, temperature,
                frame_mask: jax.Array | None = None, text_mask: jax.Array | None = None, *,
                sed_weight: float = SED_WEIGHT, chunk: int | None = None,
-               chunk_axis: str = "batch") -> FlamLosses:
-    """FLAM objective ``L = L_clip + sed_weight * L_SED + L_prior`` (official ``FLAM.loss``).
+               chunk_axis: str = "batch", logit_adjustment=True) -> FlamLosses:
+    """FLAM objective ``L = L_clip + sed_weight * L_SED + la * L_prior`` (official
+    ``FLAM.loss`` with ``la = 1``).
 
-    ``L_SED`` stops ``beta``'s gradient, so ``d L / d beta = d L_prior / d beta``: the bias is
-    trained only to match each text's positive-frame rate. ``chunk`` selects
-    :func:`sed_loss_chunked` (memory-efficient, chunked along ``chunk_axis``) instead of
-    :func:`frame_loss`.
+    With logit adjustment (``logit_adjustment`` True or 1, the default) ``L_SED`` stops
+    ``beta``'s gradient, so ``d L / d beta = d L_prior / d beta``: the bias is trained only to
+    match each text's positive-frame rate. With ``logit_adjustment`` 0 (the ablation) ``beta``
+    is trained by ``L_SED`` and ``L_prior`` drops out of the total (still returned, for
+    logging). A float or traced scalar in between interpolates both (:func:`sed_bias`).
+    ``chunk`` selects :func:`sed_loss_chunked` (memory-efficient, chunked along
+    ``chunk_axis``) instead of :func:`frame_loss`.
 
     Args:
       frames, text, alpha, beta, labels, frame_mask, text_mask: the frame-level (SED) batch.
@@ -494,11 +513,16 @@ def total_loss(frames: jax.Array, text: jax.Array, alpha: jax.Array, beta: jax.A
     Returns:
       :class:`FlamLosses` (total, clip, sed (unweighted), prior).
     """
-    if chunk is None:
-        sed = frame_loss(frames, text, alpha, beta, labels, frame_mask, text_mask)
+    if logit_adjustment is True:  # the official objective, exactly
+        la, sed_beta, stop = 1.0, beta, True
     else:
-        sed = sed_loss_chunked(frames, text, alpha, beta, labels, chunk, frame_mask, text_mask,
-                               axis=chunk_axis)
+        la, sed_beta, stop = logit_adjustment, sed_bias(beta, logit_adjustment), False
+    if chunk is None:
+        sed = frame_loss(frames, text, alpha, sed_beta, labels, frame_mask, text_mask,
+                         stop_beta_grad=stop)
+    else:
+        sed = sed_loss_chunked(frames, text, alpha, sed_beta, labels, chunk, frame_mask,
+                               text_mask, axis=chunk_axis, stop_beta_grad=stop)
     prior = prior_loss(beta, labels, frame_mask, text_mask)
     clip = clip_infonce(audio_emb, text_emb, temperature)
-    return FlamLosses(clip + sed_weight * sed + prior, clip, sed, prior)
+    return FlamLosses(clip + sed_weight * sed + la * prior, clip, sed, prior)

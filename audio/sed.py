@@ -34,13 +34,15 @@ when not centred), and the encoder pools ``downsample`` of them, so label frame 
 the samples ``[c_{l d} - hop // 2, c_{l d} - hop // 2 + d hop)`` (clipped to the clip) and
 ``L = n_frames(T) // d`` (:func:`num_label_frames`, :func:`frame_bounds`).
 
-**Data set.** :func:`build` writes splits ``train``, ``test_seen`` and ``test_heldout`` as
-tfds ``array_record`` files (no TensorFlow needed; waveform as int16 or float32, labels as
+**Data set.** :func:`build` writes splits ``train``, ``valid``, ``test_seen`` and
+``test_heldout`` as tfds ``array_record`` files (no TensorFlow needed; waveform as int16 or float32, labels as
 zlib-compressed bool tensors, captions and events as sequences); :func:`load` reads a split
 with grain (index shuffle deterministic per seed, resumable via ``get_state``/``set_state``)
 into fixed-shape batches (texts and events padded, with masks). Example ``i`` of a split is
 ``simulate(np.random.default_rng([seed, split, i]), cfg, ...)``, so a data set depends only
-on ``(cfg, num_train, num_test, seed, audio_dtype)``.
+on ``(cfg, num_train, num_valid, num_test, seed, audio_dtype)``. ``valid`` (seen classes, all
+phrasings, its own RNG stream) is for choices made after training, such as detection
+thresholds, so that the test splits are only ever scored.
 """
 
 from __future__ import annotations
@@ -627,8 +629,9 @@ SEEN_CLASSES = tuple(n for n, c in CLASSES.items() if not c.heldout)
 HELDOUT_CLASSES = tuple(n for n, c in CLASSES.items() if c.heldout)
 
 #: The data set splits: (which classes, which caption phrasings).
+#: A split's RNG stream is its position here: new splits go at the end (existing data unchanged).
 SPLITS = {"train": ("seen", "seen"), "test_seen": ("seen", "all"),
-          "test_heldout": ("heldout", "all")}
+          "test_heldout": ("heldout", "all"), "valid": ("seen", "all")}
 
 _warned_speech = False
 
@@ -1011,17 +1014,17 @@ def example(cfg: SimConfig, seed: int, split: str, index: int) -> Mixture:
 # --- tfds data set ------------------------------------------------------------------------------
 
 NAME = "flam_sed_sim"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: the valid split
 AUDIO_DTYPES = ("int16", "float32")
 
 
-def _config_name(cfg: SimConfig, num_train: int, num_test: int, seed: int,
+def _config_name(cfg: SimConfig, num_train: int, num_valid: int, num_test: int, seed: int,
                  audio_dtype: str) -> str:
     key = json.dumps({"cfg": to_dict(cfg), "dtype": audio_dtype, "version": VERSION,
                       "classes": [available_classes(w, speech_enabled=cfg.speech)
                                   for w in ("seen", "heldout")]}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return f"n{num_train}_{num_test}_s{seed}_{digest}"
+    return f"n{num_train}_{num_valid}_{num_test}_s{seed}_{digest}"
 
 
 def _encode_audio(x: np.ndarray, audio_dtype: str) -> np.ndarray:
@@ -1040,6 +1043,7 @@ def _builder_class():
     class SimBuilderConfig(tfds.core.BuilderConfig):
         num_train: int = 100
         num_test: int = 20
+        num_valid: int = 20
         seed: int = 0
         audio_dtype: str = "int16"
         sim: Any = None
@@ -1063,6 +1067,7 @@ def _builder_class():
             features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(
                 sim_config=to_dict(bc.sim), num_train=bc.num_train, num_test=bc.num_test,
+                num_valid=bc.num_valid,
                 seed=bc.seed, audio_dtype=bc.audio_dtype,
                 seen_classes=list(available_classes("seen", speech_enabled=bc.sim.speech)),
                 heldout_classes=list(available_classes("heldout",
@@ -1071,8 +1076,9 @@ def _builder_class():
     def _split_generators(self, dl_manager):
         del dl_manager
         bc = self.builder_config
-        return {split: self._generate_examples(split, bc.num_train if split == "train"
-                                               else bc.num_test) for split in SPLITS}
+        counts = {"train": bc.num_train, "valid": bc.num_valid}
+        return {split: self._generate_examples(split, counts.get(split, bc.num_test))
+                for split in SPLITS}
 
     def _generate_examples(self, split, count):
         bc = self.builder_config
@@ -1091,7 +1097,7 @@ def _builder_class():
             }
 
     cls = type("FlamSedSim", (tfds.core.GeneratorBasedBuilder,), {
-        "VERSION": tfds.core.Version(VERSION), "RELEASE_NOTES": {VERSION: "first release"},
+        "VERSION": tfds.core.Version(VERSION), "RELEASE_NOTES": {VERSION: "adds the valid split"},
         "BUILDER_CONFIGS": [], "_info": _info, "_split_generators": _split_generators,
         "_generate_examples": _generate_examples, "__module__": __name__})
     cls.name = NAME
@@ -1104,23 +1110,28 @@ _BUILDER: dict[str, Any] = {}
 
 
 def build(data_dir: str | os.PathLike, num_train: int, num_test: int, seed: int = 0,
-          cfg: SimConfig | None = None, *, audio_dtype: str = "int16") -> Path:
+          cfg: SimConfig | None = None, *, audio_dtype: str = "int16",
+          num_valid: int | None = None) -> Path:
     """Write the simulated data set under ``data_dir`` unless it is already there; returns the
-    prepared directory ``data_dir/flam_sed_sim/n{train}_{test}_s{seed}_{hash}/1.0.0`` (the hash
-    covers ``cfg``, ``audio_dtype`` and the available classes).
+    prepared directory ``data_dir/flam_sed_sim/n{train}_{valid}_{test}_s{seed}_{hash}/1.1.0``
+    (the hash covers ``cfg``, ``audio_dtype`` and the available classes).
 
-    Splits: ``train`` (``num_train`` mixtures of seen classes, seen captions), ``test_seen``
-    and ``test_heldout`` (``num_test`` each; all captions; held-out classes in the latter).
-    ``audio_dtype`` "int16" (PCM, quantised to 1/32767) or "float32" (exact)."""
+    Splits: ``train`` (``num_train`` mixtures of seen classes, seen captions), ``valid``
+    (``num_valid``, default ``num_test``: seen classes, all captions, for calibration),
+    ``test_seen`` and ``test_heldout`` (``num_test`` each; all captions; held-out classes in
+    the latter). ``audio_dtype`` "int16" (PCM, quantised to 1/32767) or "float32" (exact)."""
     cfg = cfg or SimConfig()
-    if num_train < 1 or num_test < 1:
-        raise ValueError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
+    num_valid = num_test if num_valid is None else num_valid
+    if num_train < 1 or num_test < 1 or num_valid < 1:
+        raise ValueError(f"num_train, num_valid and num_test must be >= 1, got {num_train}, "
+                         f"{num_valid}, {num_test}")
     if audio_dtype not in AUDIO_DTYPES:
         raise ValueError(f"audio_dtype={audio_dtype!r}: must be one of {AUDIO_DTYPES}")
     cls = _builder_class()
-    bc = cls.SimBuilderConfig(name=_config_name(cfg, num_train, num_test, seed, audio_dtype),
+    bc = cls.SimBuilderConfig(name=_config_name(cfg, num_train, num_valid, num_test, seed,
+                                                audio_dtype),
                               version=VERSION, num_train=num_train, num_test=num_test,
-                              seed=seed, audio_dtype=audio_dtype, sim=cfg)
+                              num_valid=num_valid, seed=seed, audio_dtype=audio_dtype, sim=cfg)
     builder = cls(config=bc, data_dir=os.fspath(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return Path(builder.data_dir)

@@ -5,18 +5,22 @@ Reproduces the central comparison of "FLAM: Frame-Wise Language-Audio Modeling" 
 ICML 2025, arXiv 2505.05335) at laptop scale, on the mixtures of :mod:`audio.sed` (exact
 frame labels, held-out classes and caption phrasings):
 
-* **Data.** :func:`audio.sed.build` writes ``train``, ``test_seen`` and ``test_heldout`` once
+* **Data.** :func:`audio.sed.build` writes ``train``, ``valid``, ``test_seen`` and
+  ``test_heldout`` once
   (under ``data.dir``, default ``<run>/data``; a second run with the same settings and
   ``data.dir`` reuses it). Batches are drawn by a seeded permutation per epoch indexed by the
   step, so a resumed run sees exactly the batches the uninterrupted run would have.
-* **Two models from the same initial parameters and the same batches**
+* **Models from the same initial parameters and the same batches**
   (:class:`audio.encoders.FlamModel`), trained side by side by one ``vmap``-ped step (one
   compiled program; logged metrics hold one value per model, in ``models`` order):
 
   - ``flam_global``: the clip InfoNCE only, ``L = L_clip`` (the CLAP-style global model);
   - ``flam``: ``L = L_clip + 200 L_SED + L_prior`` (:func:`audio.flam.total_loss`, paper
     Eq. 4 and 10; ``beta`` under stop-gradient in ``L_SED``: logit adjustment), per-text
-    ``alpha``, ``beta`` from the heads.
+    ``alpha``, ``beta`` from the heads;
+  - ``flam_no_la`` (the training ablation, in ``models`` of the ``cpu`` preset, not by
+    default): ``L = L_clip + 200 L_SED`` with ``beta`` trained by ``L_SED`` and no
+    ``L_prior`` (``logit_adjustment=0``), scored with plain ``sigmoid(h)``.
 
   Frame-level batch: every clip against every text of the batch (``K = B x max_texts``: each
   clip's positives and negatives), labels from :func:`audio.sed.cross_labels`. Clip-level
@@ -36,7 +40,11 @@ frame labels, held-out classes and caption phrasings):
   and FLAM-Global with the cosine between frame and text embeddings (the paper's frame score
   for global models). SED metrics: frame AUROC (macro over classes), PSDS1, PSDS2 (ground
   truth: the runs of labelled frames, :func:`audio.metrics.events_from_frames`) and
-  collar-based event F1 (macro) at ``eval.f1_threshold``. Per model: text-to-audio and
+  collar-based event F1 (macro) at a threshold chosen on the ``valid`` split (seen classes,
+  clips of their own): for each model and score, the candidate (a quantile of its validation
+  scores) with the best validation macro event F1, then applied unchanged to both test splits
+  (:func:`calibrate_threshold`, :func:`sed_results`; the test splits are only ever scored;
+  ``eval.f1_threshold`` fixes one threshold instead). Per model: text-to-audio and
   audio-to-text recall@1/5 (clip embeddings against the composite captions) and zero-shot
   classification (clip embedding against the mean caption embedding of each class; a clip's
   true class is its dominant one, the class with the most labelled frames).
@@ -75,12 +83,16 @@ from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, count_params, fit
 from trainkit.run import RunDir, read_json, write_json
 
-MODELS = ("flam_global", "flam")
-MODEL_TITLES = {"flam_global": "FLAM-Global", "flam": "FLAM"}
+MODELS = ("flam_global", "flam", "flam_no_la")
+DEFAULT_MODELS = ("flam_global", "flam")
+MODEL_TITLES = {"flam_global": "FLAM-Global", "flam": "FLAM",
+                "flam_no_la": "FLAM without logit adjustment"}
 TEST_SPLITS = ("test_seen", "test_heldout")
+VALID_SPLIT = "valid"  # seen classes; event-F1 thresholds are chosen here, never on a test split
 #: Frame scorers: (model, score) -> label in the report.
 SCORERS = {("flam", "unbiased"): "FLAM (unbiased score)",
-           ("flam", "sigmoid"): "FLAM (sigmoid(h), no logit adjustment)",
+           ("flam", "sigmoid"): "FLAM (sigmoid(h): adjustment left out at inference)",
+           ("flam_no_la", "sigmoid"): "FLAM trained without logit adjustment (sigmoid(h))",
            ("flam_global", "cosine"): "FLAM-Global (cosine)"}
 SED_METRICS = ("auroc", "auroc_active", "psds1", "psds2", "event_f1")
 MODEL_METRICS = ("t2a_R@1", "t2a_R@5", "a2t_R@1", "a2t_R@5", "zero_shot")
@@ -96,6 +108,8 @@ class DataConfig(Config):
                                        "none: <run dir>/data. Reused when already built")
     num_train: int = field(1000, ge=1, help="training mixtures")
     num_test: int = field(100, ge=1, help="mixtures in each of test_seen and test_heldout")
+    num_valid: int = field(100, ge=1, help="mixtures of the valid split (seen classes): event-F1 "
+                                           "thresholds are calibrated on it")
     seed: int = field(0, ge=0, help="simulation seed (a data set is a function of its settings)")
     audio_dtype: str = field("int16", choices=sed.AUDIO_DTYPES, help="stored waveform type")
     sim: sed.SimConfig = field(factory=sed.SimConfig)
@@ -128,15 +142,19 @@ class TrainConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(Config):
     batch_size: int = field(16, ge=1, help="clips per evaluation batch")
-    f1_threshold: float = field(0.5, help="event-F1 detection threshold on every score "
-                                          "(probabilities for FLAM, cosine for FLAM-Global)")
+    f1_threshold: float | None = field(None, help="event-F1 detection threshold for every score; "
+                                                 "none: calibrated per model and score on the "
+                                                 "valid split")
+    threshold_candidates: int = field(101, ge=2, help="calibration: candidate thresholds, the "
+                                                      "quantiles of the validation scores")
     num_heatmaps: int = field(3, ge=0, help="test clips per split drawn as score heatmaps")
 
 
 @dataclasses.dataclass(frozen=True)
 class FlamExpConfig(Config):
     seed: int = field(0, ge=0, help="model initialisation and batch order")
-    models: tuple[str, ...] = field(MODELS, help=f"models to train, each of {', '.join(MODELS)}")
+    models: tuple[str, ...] = field(DEFAULT_MODELS,
+                                    help=f"models to train, each of {', '.join(MODELS)}")
     data: DataConfig = field(factory=DataConfig)
     model: ModelConfig = field(factory=ModelConfig)
     train: TrainConfig = field(factory=TrainConfig)
@@ -161,16 +179,17 @@ class FlamExpConfig(Config):
 
 
 def smoke() -> FlamExpConfig:
-    """Seconds: 12 tiny clips (2 s at 8 kHz), 6 per test split, 6 steps per model."""
+    """Seconds: 12 tiny training clips (2 s at 8 kHz), 4 validation clips, 6 per test split,
+    6 steps per model."""
     sim = dataclasses.replace(sed.SimConfig.tiny(), downsample=4, speech=False)
     flam_cfg = dataclasses.replace(enc.FlamConfig.tiny(), text=dataclasses.replace(
         enc.TextEncoderConfig.tiny(), max_length=24))
     return FlamExpConfig(
-        data=DataConfig(num_train=12, num_test=6, sim=sim),
+        data=DataConfig(num_train=12, num_test=6, num_valid=4, sim=sim),
         model=ModelConfig(flam=flam_cfg),
         train=TrainConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-3, chunk_size=3,
                           save_every=3),
-        eval=EvalConfig(batch_size=6, num_heatmaps=2))
+        eval=EvalConfig(batch_size=6, num_heatmaps=1, threshold_candidates=21))
 
 
 def cpu() -> FlamExpConfig:
@@ -178,8 +197,10 @@ def cpu() -> FlamExpConfig:
 
     5 s clips at 16 kHz (``FrontendConfig.sed_16k``, 64 mels; label frames of 80 ms, L = 62),
     up to 6 events, :meth:`audio.encoders.FlamConfig.cpu` (0.88M-parameter audio encoder,
-    scratch text encoder) with ``downsample`` 8; 1000 training mixtures, 100 per test split;
-    batch 16 clips x 9 texts = 144 frame-level texts; 450 steps (about 7 epochs).
+    scratch text encoder) with ``downsample`` 8; 1000 training mixtures, 100 validation
+    mixtures, 100 per test split; batch 16 clips x 9 texts = 144 frame-level texts; 450 steps
+    (about 7 epochs). Three models: FLAM-Global, FLAM and FLAM trained without logit
+    adjustment (the ablation; the step-time estimate below was measured with two models).
 
     Estimate from measured times (this 2-core machine while shared with two other training
     jobs, load average ~7.5): simulation 0.08 s per clip (~1.6 min for the 1200 clips), one
@@ -192,7 +213,8 @@ def cpu() -> FlamExpConfig:
     flam_cfg = dataclasses.replace(enc.FlamConfig.cpu(), text=dataclasses.replace(
         enc.TextEncoderConfig.cpu(), max_length=48))
     return FlamExpConfig(
-        data=DataConfig(num_train=1000, num_test=100, sim=sim),
+        models=MODELS,
+        data=DataConfig(num_train=1000, num_test=100, num_valid=100, sim=sim),
         model=ModelConfig(flam=flam_cfg),
         train=TrainConfig(steps=450, batch_size=16, lr=5e-4, warmup_steps=50, chunk_size=25,
                           save_every=100),
@@ -211,7 +233,7 @@ def paper() -> FlamExpConfig:
     sim = dataclasses.replace(sed.SimConfig.flam(), downsample=32)
     flam_cfg = dataclasses.replace(enc.FlamConfig.paper(), text_source="scratch")
     return FlamExpConfig(
-        data=DataConfig(num_train=100_000, num_test=2000, sim=sim),
+        data=DataConfig(num_train=100_000, num_test=2000, num_valid=2000, sim=sim),
         model=ModelConfig(flam=flam_cfg, text="minilm"),
         train=TrainConfig(steps=100_000, batch_size=128, lr=1e-4, warmup_steps=2000,
                           sed_chunk=16, chunk_size=500, save_every=5000),
@@ -226,7 +248,8 @@ def prepare_data(cfg: FlamExpConfig, run_dir: RunDir) -> tuple[Path, str]:
     d = cfg.data
     root = Path(d.dir) if d.dir else run_dir.path / "data"
     t0 = time.time()
-    path = sed.build(root, d.num_train, d.num_test, d.seed, d.sim, audio_dtype=d.audio_dtype)
+    path = sed.build(root, d.num_train, d.num_test, d.seed, d.sim, audio_dtype=d.audio_dtype,
+                     num_valid=d.num_valid)
     elapsed = time.time() - t0
     if elapsed > 1.0:
         print(f"flam: data set ready in {elapsed:.1f} s: {path}", flush=True)
@@ -375,10 +398,17 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def objective_weights(kind: str, sed_weight: float) -> tuple[float, float, float]:
-    """``(w_clip, w_sed, w_prior)`` of ``L = w_clip L_clip + w_sed L_SED + w_prior L_prior``:
-    FLAM-Global ``(1, 0, 0)`` (clip InfoNCE only), FLAM ``(1, sed_weight, 1)``."""
-    return (1.0, 0.0, 0.0) if kind == "flam_global" else (1.0, float(sed_weight), 1.0)
+def objective_weights(kind: str, sed_weight: float) -> tuple[float, float, float, float]:
+    """``(w_clip, w_sed, w_prior, la)`` of ``L = w_clip L_clip + w_sed L_SED + w_prior
+    L_prior``, ``la`` the logit adjustment of ``L_SED`` (1: ``beta`` under stop-gradient; 0:
+    ``beta`` trained by ``L_SED``, :func:`audio.flam.sed_bias`): FLAM-Global ``(1, 0, 0, 1)``
+    (clip InfoNCE only), FLAM ``(1, sed_weight, 1, 1)``, FLAM without logit adjustment
+    ``(1, sed_weight, 0, 0)``."""
+    if kind == "flam_global":
+        return (1.0, 0.0, 0.0, 1.0)
+    if kind == "flam_no_la":
+        return (1.0, float(sed_weight), 0.0, 0.0)
+    return (1.0, float(sed_weight), 1.0, 1.0)
 
 
 def _forward(model: enc.FlamModel, sim: sed.SimConfig, wave, texts, captions):
@@ -390,7 +420,7 @@ def _forward(model: enc.FlamModel, sim: sed.SimConfig, wave, texts, captions):
 
 
 def make_step(graphdef, optimizer, schedule, cfg: FlamExpConfig, sim: sed.SimConfig):
-    """Jitted ``step(state, batch, weights [M, 3]) -> (state, metrics [M])``.
+    """Jitted ``step(state, batch, weights [M, 4]) -> (state, metrics [M])``.
 
     The models are ``vmap``-ped over the leading axis of the state with their objective
     weights (:func:`objective_weights`), all on the same batch: one compiled program trains
@@ -402,7 +432,7 @@ def make_step(graphdef, optimizer, schedule, cfg: FlamExpConfig, sim: sed.SimCon
         model = nnx.merge(graphdef, params)
         out = _forward(model, sim, batch["wave"], batch["texts"], batch["captions"])
         losses = out.total_loss(batch["labels"], batch["text_mask"], sed_weight=1.0,
-                                chunk=t.sed_chunk or None)
+                                chunk=t.sed_chunk or None, logit_adjustment=w[3])
         total = w[0] * losses.clip + w[1] * losses.sed + w[2] * losses.prior
         tm = batch["text_mask"].astype(jnp.float32)
         n = jnp.maximum(jnp.sum(tm), 1.0)
@@ -549,10 +579,15 @@ def frame_scores(frames: np.ndarray, text: np.ndarray, alpha: np.ndarray, beta: 
     return out
 
 
+#: Collars of the event F1 (DCASE's defaults, those of :func:`audio.metrics.event_f1`).
+F1_COLLARS = {"onset_collar": 0.2, "offset_collar": 0.2, "offset_collar_rate": 0.2}
+
+
 def sed_metrics(scores: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
                 sim: sed.SimConfig, threshold: float) -> dict[str, float]:
-    """Frame AUROC (macro), PSDS1, PSDS2 and event F1 (macro) of class scores ``[N, L, C]``
-    against frame labels ``[N, L, C]``; PSDS/F1 ground truth = runs of labelled frames.
+    """Frame AUROC (macro), PSDS1, PSDS2 and event F1 (macro, at ``threshold``) of class scores
+    ``[N, L, C]`` against frame labels ``[N, L, C]``; PSDS/F1 ground truth = runs of labelled
+    frames.
 
     ``auroc_active`` is the macro frame AUROC over only the frames where some event is active:
     it measures class discrimination. Plain frame AUROC also rewards a class-agnostic activity
@@ -566,38 +601,102 @@ def sed_metrics(scores: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]
     if any(events):
         out["psds1"] = am.psds(scores, ts, events, sim.duration, classes, am.PSDS1).value
         out["psds2"] = am.psds(scores, ts, events, sim.duration, classes, am.PSDS2).value
-        out["event_f1"] = am.event_f1(scores, ts, events, classes, threshold).f1_macro
+        out["event_f1"] = (am.event_f1(scores, ts, events, classes, threshold, **F1_COLLARS).f1_macro
+                           if math.isfinite(threshold) else float("nan"))
     else:
         out.update(psds1=float("nan"), psds2=float("nan"), event_f1=float("nan"))
     return out
 
 
+def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+                        sim: sed.SimConfig, num_candidates: int) -> tuple[float, float]:
+    """``(threshold, macro event F1 there)``: the detection threshold that maximises the macro
+    event F1 of class scores ``[N, L, C]`` against frame labels on a *validation* split.
+
+    Candidates: the quantiles of the scores at levels ``(i + 1/2) / n``, ``i < n`` (the score's
+    own scale, so the same rule serves probabilities and cosines); the first best wins. One
+    threshold for all classes: per-class thresholds could not carry over to the held-out
+    classes. The collar-based counts are computed once (sed_scores_eval's intermediate
+    statistics) and read at every candidate; the F1 at the chosen threshold is the one
+    :func:`audio.metrics.event_f1` gives there. ``(nan, nan)`` without labelled events."""
+    am._sed_scores_eval()
+    from sed_scores_eval.base_modules.precision_recall import (
+        single_fscore_from_intermediate_statistics,
+    )
+    from sed_scores_eval.collar_based import accumulated_intermediate_statistics
+
+    ts = sed.frame_timestamps(sim.num_samples, sim)
+    events = am.events_from_frames(labels, ts, classes)
+    if not any(events):
+        return float("nan"), float("nan")
+    frames, gt, _, _ = am._prepare(scores, ts, events, classes, None)  # as event_f1 does
+    stats, _ = accumulated_intermediate_statistics(scores=frames, ground_truth=gt, **F1_COLLARS)
+    levels = (np.arange(num_candidates) + 0.5) / num_candidates
+    candidates = np.unique(np.quantile(np.asarray(scores, np.float64), levels))
+    f1 = [single_fscore_from_intermediate_statistics(stats, float(t))[0]["macro_average"]
+          for t in candidates]
+    best = int(np.argmax(f1))
+    return float(candidates[best]), float(f1[best])
+
+
+def sed_results(scored: dict[str, tuple[np.ndarray, np.ndarray, tuple[str, ...]]],
+                sim: sed.SimConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    """SED metrics of one model's score on every split of ``scored`` (``split -> (scores [N, L,
+    C], labels [N, L, C], classes)``, :data:`VALID_SPLIT` among them), with the event-F1
+    threshold chosen on the validation split alone (:func:`calibrate_threshold`, or
+    ``eval.f1_threshold`` when set) and applied unchanged to every test split:
+    ``{"threshold": t, "valid_event_f1": f, split: sed_metrics(...) for each test split}``."""
+    v_scores, v_labels, v_classes = scored[VALID_SPLIT]
+    if eval_cfg.f1_threshold is None:
+        threshold, valid_f1 = calibrate_threshold(v_scores, v_labels, v_classes, sim,
+                                                  eval_cfg.threshold_candidates)
+    else:
+        threshold, valid_f1 = float(eval_cfg.f1_threshold), float("nan")
+    out: dict[str, Any] = {"threshold": threshold, "valid_event_f1": valid_f1}
+    for split, (scores, labels, classes) in scored.items():
+        if split != VALID_SPLIT:
+            out[split] = sed_metrics(scores, labels, classes, sim, threshold)
+    return out
+
+
 def evaluate_model(kind: str, cfg: FlamExpConfig, graphdef, params, splits: dict[str, Split],
                    bank: TextBank) -> tuple[dict, dict]:
-    """SED, retrieval and zero-shot metrics of one model on each test split, and heatmap data
-    (scores of the first ``eval.num_heatmaps`` clips)."""
+    """SED, retrieval and zero-shot metrics of one model on each test split of ``splits``
+    (which also holds :data:`VALID_SPLIT`, used only to choose the event-F1 thresholds), and
+    heatmap data (scores of the first ``eval.num_heatmaps`` test clips)."""
     results, heat = {}, {}
     scores_of = [s for (m, s) in SCORERS if m == kind]
+    scored: dict[str, dict] = {score: {} for score in scores_of}
+    sim = None
     for name, split in splits.items():
+        sim = split.sim
         frames, clip, captions, labels, dominant = embed_split(graphdef, params, split, bank,
                                                                cfg.eval.batch_size)
         queries, owner = class_queries(split.classes)
         text, alpha, beta = encode_texts(graphdef, params, bank, queries,
                                          max_length=CLASS_CAPTION_TOKENS)
-        res = {}
         for score in scores_of:
             s = frame_scores(frames, text, alpha, beta, owner, len(split.classes), score)
-            res[score] = sed_metrics(s, labels, split.classes, split.sim, cfg.eval.f1_threshold)
-            heat[f"{name}/{kind}/{score}"] = s[:cfg.eval.num_heatmaps].astype(np.float32)
+            scored[score][name] = (s, labels, split.classes)
+            if name != VALID_SPLIT:
+                heat[f"{name}/{kind}/{score}"] = s[:cfg.eval.num_heatmaps].astype(np.float32)
+        if name == VALID_SPLIT:
+            continue
         cap_emb, _, _ = encode_texts(graphdef, params, bank, captions)
         model_res = am.recall_at_k(clip @ cap_emb.T, ks=(1, 5))
         class_emb = np.stack([text[owner == c].mean(axis=0) for c in range(len(split.classes))])
         ok = dominant >= 0
         model_res["zero_shot"] = (am.zero_shot_accuracy(clip[ok], class_emb, dominant[ok])
                                   if ok.any() else float("nan"))
-        res["model"] = model_res
-        results[name] = res
+        results[name] = {"model": model_res}
         heat[f"{name}/labels"] = labels[:cfg.eval.num_heatmaps].astype(np.float32)
+    results["thresholds"] = {}
+    for score in scores_of:
+        res = sed_results(scored[score], sim, cfg.eval)
+        results["thresholds"][score] = {"threshold": res.pop("threshold"),
+                                        "valid_event_f1": res.pop("valid_event_f1")}
+        for name, metrics in res.items():
+            results[name][score] = metrics
     return results, heat
 
 
@@ -606,11 +705,12 @@ def evaluate_model(kind: str, cfg: FlamExpConfig, graphdef, params, splits: dict
 
 def run(cfg: FlamExpConfig, ctx: RunContext) -> RunResult:
     if ctx.seeds != 1:
-        raise UserError("flam trains one model pair per run; use --set seed=N for other seeds")
+        raise UserError("flam trains one set of models per run; use --set seed=N for other "
+                        "seeds")
     root, config_name = prepare_data(cfg, ctx.run_dir)
     write_json(ctx.run_dir.path / "data.json", {"root": str(root), "config": config_name})
     train = Split("train", root, config_name)
-    splits = {s: Split(s, root, config_name) for s in TEST_SPLITS}
+    splits = {s: Split(s, root, config_name) for s in (VALID_SPLIT, *TEST_SPLITS)}
     fcfg = flam_config(cfg)
     if cfg.model.text == "minilm":
         bank = TextBank("minilm", 0)
@@ -642,11 +742,14 @@ def run(cfg: FlamExpConfig, ctx: RunContext) -> RunResult:
     write_json(ctx.run_dir.path / "classes.json",
                {s: list(splits[s].classes) for s in TEST_SPLITS})
     metrics = {"num_params": n_params}
-    for (kind, score), _ in SCORERS.items():
+    for kind, score in SCORERS:
+        if kind not in cfg.models:
+            continue
+        for key, value in evals[kind]["thresholds"][score].items():
+            metrics[f"{VALID_SPLIT}/{kind}/{score}/{key}"] = value
         for split in TEST_SPLITS:
-            if kind in evals:
-                for key in SED_METRICS:
-                    metrics[f"{split}/{kind}/{score}/{key}"] = evals[kind][split][score][key]
+            for key in SED_METRICS:
+                metrics[f"{split}/{kind}/{score}/{key}"] = evals[kind][split][score][key]
     for kind in cfg.models:
         for split in TEST_SPLITS:
             for key in MODEL_METRICS:
@@ -680,6 +783,25 @@ def comparison_sentence(evals: dict) -> str:
             f"{verdict} the global model (FLAM-Global, cosine frame scores) in frame AUROC by "
             f"{a - b:+.3f} ({a:.3f} vs {b:.3f})" + ("; " + "; ".join(others) if others else "")
             + ".")
+
+
+def ablation_sentence(evals: dict) -> str:
+    """The logit-adjustment training ablation, from the numbers: FLAM (trained with it, unbiased
+    score) against FLAM trained without it (sigmoid(h)), each at its own validation-chosen
+    event-F1 threshold. Empty when the ablation arm was not trained."""
+    if "flam" not in evals or "flam_no_la" not in evals:
+        return ""
+    parts = []
+    for split in TEST_SPLITS:
+        f, n = evals["flam"][split]["unbiased"], evals["flam_no_la"][split]["sigmoid"]
+        vals = [f"{label} {f[k]:.3f} vs {n[k]:.3f} ({f[k] - n[k]:+.3f})"
+                for k, label in (("event_f1", "event F1"), ("auroc", "frame AUROC"),
+                                 ("auroc_active", "AUROC on active frames"))
+                if math.isfinite(f.get(k, math.nan)) and math.isfinite(n.get(k, math.nan))]
+        if vals:
+            parts.append(f"{split}: " + ", ".join(vals))
+    return ("Training ablation, FLAM trained with logit adjustment (unbiased score) vs without "
+            "it (sigmoid(h)), one run, no interval: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _heatmaps(run_dir: RunDir, heat: dict, classes: dict) -> list[Path]:
@@ -728,11 +850,19 @@ def report(run_dir: RunDir) -> str:
             model_m = evals[kind][split]["model"] if score != "sigmoid" else {}
             rows.append([label, split] + [_fmt(sed_m.get(k)) for k in SED_METRICS]
                         + [_fmt(model_m.get(k)) for k in MODEL_METRICS])
+    f1_head = ("event F1 (threshold from valid)" if cfg.eval.f1_threshold is None
+               else f"event F1 @ {cfg.eval.f1_threshold}")
     table = plots.markdown_table(rows, ["model (frame score)", "split", "frame AUROC",
                                         "AUROC, active frames", "PSDS1",
-                                        "PSDS2", f"event F1 @ {cfg.eval.f1_threshold}",
+                                        "PSDS2", f1_head,
                                         "t2a R@1", "t2a R@5", "a2t R@1", "a2t R@5",
                                         "zero-shot acc."])
+    threshold_rows = [[label, _fmt(evals[kind]["thresholds"][score]["threshold"]),
+                       _fmt(evals[kind]["thresholds"][score]["valid_event_f1"])]
+                      for (kind, score), label in SCORERS.items()
+                      if "thresholds" in evals.get(kind, {})]
+    thresholds = plots.markdown_table(threshold_rows, ["model (frame score)", "threshold",
+                                                       "event F1 on valid"])
     figures = []
     logged_rows = run_dir.read_metrics()
     for key, ylabel in (("loss", "training loss"), ("clip", "clip InfoNCE L_clip"),
@@ -759,15 +889,20 @@ def report(run_dir: RunDir) -> str:
         f"# flam: FLAM vs FLAM-Global on simulated sound events\n\n"
         f"{d.num_train} training mixtures ({d.sim.duration:g} s at {d.sim.sample_rate} Hz, "
         f"{d.sim.num_frames} label frames of {d.sim.frame_samples / d.sim.sample_rate * 1000:g} "
-        f"ms), {d.num_test} per test split; both models start from the same {n_params}-parameter "
+        f"ms), {d.num_test} per test split; the models ({', '.join(MODEL_TITLES[k] for k in cfg.models)}) "
+        f"start from the same {n_params}-parameter "
         f"initialisation and see the same {t.steps} batches of {t.batch_size} clips (text branch: "
         f"{cfg.model.text}). FLAM: L_clip + {t.sed_weight:g} L_SED + L_prior with logit "
-        f"adjustment; FLAM-Global: L_clip only. Class frame scores average the scores of every "
+        f"adjustment; FLAM without logit adjustment: L_clip + {t.sed_weight:g} L_SED with the "
+        f"per-text bias trained by L_SED, no L_prior; FLAM-Global: L_clip only. Class frame scores average the scores of every "
         f"caption of the class; \"AUROC, active frames\" counts only frames where some event "
         f"sounds (class discrimination: a class-agnostic activity detector gets 0.5 there); "
         f"PSDS/F1 ground truth: runs of labelled frames. Retrieval: clip vs "
         f"its caption (its positive texts joined); zero-shot: dominant class of each clip.\n\n"
-        f"{table}\n\n{comparison_sentence(evals)}\n\n"
+        f"{table}\n\nEvent-F1 thresholds, one per model and score, chosen on the {d.num_valid} "
+        f"clips of the valid split (seen classes; never on a test split) and applied to both "
+        f"test splits:\n\n{thresholds}\n\n{comparison_sentence(evals)}\n\n"
+        + (f"{ablation_sentence(evals)}\n\n" if ablation_sentence(evals) else "")
         + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)

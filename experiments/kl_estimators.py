@@ -216,7 +216,7 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
                                 desc=f"{name} seed {seed_index}", eval_every=r.eval_every)
             state, logger = fit(sub, state, iterate, loop, resume=ctx.resume, evaluate=evaluate)
             logger.close()
-            final = final_metrics(sub.read_metrics(), window=5)
+            final = _final(sub.read_metrics())
             write_json(sub.summary_path, {"config": name, "seed": seed_index, "final": final})
             finals[(name, seed_index)] = final
             all_params[f"{name}-s{seed_index}"] = state.params
@@ -261,8 +261,8 @@ def report(run_dir: RunDir) -> str:
     base = read_json(run_dir.path / "base_eval.json") if (run_dir.path / "base_eval.json").exists() else {}
     rows = [["base model (before RL)", "-", "-", base.get("eval_accuracy", "-"), base.get("ood_accuracy", "-"), "-"]]
     for name in names:
-        finals = [read_json(p / "summary.json")["final"]
-                  for p in sorted((run_dir.path / "configs").glob(f"{name}-s*")) if (p / "summary.json").exists()]
+        finals = [_sub_final(p) for p in sorted((run_dir.path / "configs").glob(f"{name}-s*"))
+                  if (p / "summary.json").exists()]
         if not finals:
             continue
         mean = lambda k: float(np.mean([f[k] for f in finals if k in f])) if any(k in f for f in finals) else "-"
@@ -291,12 +291,35 @@ UNBIASED = ("k1-reward", "k1-both", "k3-both")  # E[gradient] = grad KL (docs/kl
 BIASED = ("k1-loss", "k3-reward", "k3-loss", "k2-reward", "k2-loss", "k2-both")
 
 
+#: Logged every ``rl.eval_every`` iterations only: "final" is the last evaluation.
+EVAL_KEYS = ("eval_accuracy", "eval_formatted", "ood_accuracy")
+
+
+def _final(rows) -> dict:
+    """Final metrics of a sub-run: training metrics averaged over the last 5 iterations
+    (single-batch values are noisy), evaluation metrics at the last evaluation (a 5-row
+    window over them would average the run's evaluations: 50, 100 and 150 at ``cpu``)."""
+    rows = list(rows)
+    last = final_metrics(rows, window=1)
+    return {**final_metrics(rows, window=5), **{k: last[k] for k in EVAL_KEYS if k in last}}
+
+
+def _sub_final(path) -> dict:
+    """A finished sub-run's final metrics; evaluation metrics re-read from its metrics.jsonl
+    when present (summaries written before the fix above averaged the evaluations)."""
+    final = read_json(path / "summary.json")["final"]
+    if (path / "metrics.jsonl").exists():
+        last = final_metrics(read_metrics(path / "metrics.jsonl"), window=1)
+        final = {**final, **{k: last[k] for k in EVAL_KEYS if k in last}}
+    return final
+
+
 def _final_values(run_dir: RunDir, names, key) -> list[float]:
     out = []
     for name in names:
         for p in sorted((run_dir.path / "configs").glob(f"{name}-s*")):
             if (p / "summary.json").exists():
-                final = read_json(p / "summary.json")["final"]
+                final = _sub_final(p)
                 if key in final:
                     out.append(float(final[key]))
     return out

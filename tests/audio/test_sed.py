@@ -283,6 +283,11 @@ def test_heldout_classes_and_phrasings_never_appear_in_train():
         assert not heldout & ({e.label for e in m.events} | set(m.text_classes))
         seen_novel += int(m.text_novel.sum())
     assert seen_novel > 0  # test splits do use the held-out phrasings
+    for i in range(5):  # valid: seen classes only, and other clips than every test split's
+        m = sed.example(cfg, 0, "valid", i)
+        assert not heldout & ({e.label for e in m.events} | set(m.text_classes))
+        for split in ("train", "test_seen", "test_heldout"):
+            assert not np.array_equal(m.waveform, sed.example(cfg, 0, split, i).waveform)
     assert len(sed.CLASSES) >= 12 and len(sed.HELDOUT_CLASSES) >= 3
 
 
@@ -370,24 +375,25 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown sound class"):
         sed.simulate(np.random.default_rng(0), sed.SimConfig.tiny(), classes=["dog"])
     with pytest.raises(ValueError, match="unknown split"):
-        sed.example(sed.SimConfig.tiny(), 0, "valid", 0)
+        sed.example(sed.SimConfig.tiny(), 0, "dev", 0)
 
 
 # --- tfds data set -----------------------------------------------------------------------------
 
-N_TRAIN, N_TEST, SEED = 6, 3, 7
+N_TRAIN, N_VALID, N_TEST, SEED = 6, 2, 3, 7
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sed_data")
-    sed.build(root, N_TRAIN, N_TEST, seed=SEED, cfg=sed.SimConfig.tiny())
+    sed.build(root, N_TRAIN, N_TEST, seed=SEED, cfg=sed.SimConfig.tiny(), num_valid=N_VALID)
     return root
 
 
 def test_build_and_read_round_trip(data_dir):
     cfg = sed.SimConfig.tiny()
-    for split, count in (("train", N_TRAIN), ("test_seen", N_TEST), ("test_heldout", N_TEST)):
+    for split, count in (("train", N_TRAIN), ("valid", N_VALID), ("test_seen", N_TEST),
+                         ("test_heldout", N_TEST)):
         got = sorted(sed.iterate_examples(split, data_dir), key=lambda r: r["index"])
         assert [int(r["index"]) for r in got] == list(range(count))
         for rec in got:

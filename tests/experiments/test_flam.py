@@ -1,7 +1,8 @@
 """flam experiment: the smoke preset end to end through the CLI (report table with both models
 and both test splits, finite metrics in [0, 1], plots, a resumed finished run does not
 retrain), plus exact checks of the experiment's own helpers (batch order, captions, dominant
-class, prompt-ensembled frame scores against a NumPy oracle, config cross-checks)."""
+class, prompt-ensembled frame scores against a NumPy oracle, event-F1 thresholds chosen on
+the validation split only, objective weights of each arm, config cross-checks)."""
 
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from audio import metrics as am
 from audio import sed
 from experiments import flam as F
 from tests.helpers import run_cli
@@ -95,9 +97,71 @@ def test_active_frame_auroc_gives_an_activity_detector_one_half():
     assert out["auroc"] == pytest.approx(1.0) and out["auroc_active"] == pytest.approx(1.0)
 
 
-def test_objective_weights_global_is_clip_only():
-    assert F.objective_weights("flam_global", 200.0) == (1.0, 0.0, 0.0)
-    assert F.objective_weights("flam", 200.0) == (1.0, 200.0, 1.0)
+def test_objective_weights_of_each_arm():
+    assert F.objective_weights("flam_global", 200.0) == (1.0, 0.0, 0.0, 1.0)  # clip only
+    assert F.objective_weights("flam", 200.0) == (1.0, 200.0, 1.0, 1.0)
+    # the ablation: no prior loss, beta trained by L_SED (logit adjustment 0)
+    assert F.objective_weights("flam_no_la", 200.0) == (1.0, 200.0, 0.0, 0.0)
+    assert set(F.cpu().models) == set(F.MODELS) and F.smoke().models == F.DEFAULT_MODELS
+
+
+def _scored(seed: int, n: int = 5):
+    """Synthetic class scores ``[n, L, 2]`` on the smoke grid: events of 3-8 frames, scores =
+    0.6 x labels + uniform noise (a detector that is good but not perfect)."""
+    sim = F.smoke().data.sim
+    n_frames = len(sed.frame_timestamps(sim.num_samples, sim)) - 1
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, n_frames, 2), bool)
+    for i in range(n):
+        for c in range(2):
+            a = int(rng.integers(0, n_frames - 8))
+            labels[i, a:a + int(rng.integers(3, 9)), c] = True
+    scores = 0.6 * labels + rng.uniform(0, 0.7, labels.shape)
+    return scores, labels, ("a", "b"), sim
+
+
+def test_calibrated_threshold_is_the_best_candidate_by_event_f1():
+    """Oracle: ``audio.metrics.event_f1`` evaluated at every candidate (quantiles of the
+    scores); the calibrated threshold is the first maximiser and its F1 is event_f1's."""
+    scores, labels, classes, sim = _scored(0)
+    n = 9
+    t, f1 = F.calibrate_threshold(scores, labels, classes, sim, n)
+    ts = sed.frame_timestamps(sim.num_samples, sim)
+    events = am.events_from_frames(labels, ts, classes)
+    cands = np.unique(np.quantile(scores, (np.arange(n) + 0.5) / n))
+    oracle = [am.event_f1(scores, ts, events, classes, c).f1_macro for c in cands]
+    assert t == pytest.approx(cands[int(np.argmax(oracle))])
+    assert f1 == pytest.approx(max(oracle)) and 0 < f1 <= 1
+    assert max(oracle) > min(oracle)  # the choice matters on these scores
+
+
+def test_threshold_is_chosen_on_validation_data_only():
+    """Changing the test splits' labels and scores never moves the threshold (nor the
+    validation F1); the test F1 is event_f1 at that threshold; changing the validation
+    labels does move it (so this test can fail)."""
+    valid, test = _scored(1), _scored(2)
+    ecfg = F.EvalConfig(threshold_candidates=21)
+    scored = {F.VALID_SPLIT: valid[:3], "test_seen": test[:3]}
+    out = F.sed_results(scored, valid[3], ecfg)
+    assert F.VALID_SPLIT not in out and set(out) == {"threshold", "valid_event_f1", "test_seen"}
+    sim = valid[3]
+    ts = sed.frame_timestamps(sim.num_samples, sim)
+    want = am.event_f1(test[0], ts, am.events_from_frames(test[1], ts, test[2]), test[2],
+                       out["threshold"]).f1_macro
+    assert out["test_seen"]["event_f1"] == pytest.approx(want)
+    rng = np.random.default_rng(3)
+    other_labels = rng.permutation(test[1], axis=1)  # other test labels
+    other_scores = test[0][::-1] * 3.0 - 1.0  # and other test scores, on another scale
+    changed = F.sed_results({F.VALID_SPLIT: valid[:3],
+                             "test_seen": (other_scores, other_labels, test[2])}, sim, ecfg)
+    assert changed["threshold"] == out["threshold"]
+    assert changed["valid_event_f1"] == out["valid_event_f1"]
+    assert changed["test_seen"]["event_f1"] != out["test_seen"]["event_f1"]
+    flipped = F.sed_results({F.VALID_SPLIT: (valid[0], ~valid[1], valid[2]),
+                             "test_seen": test[:3]}, sim, ecfg)
+    assert flipped["threshold"] != out["threshold"]
+    fixed = F.sed_results(scored, sim, F.EvalConfig(f1_threshold=0.5))
+    assert fixed["threshold"] == 0.5 and math.isnan(fixed["valid_event_f1"])
 
 
 def test_comparison_sentence_is_computed_from_the_numbers():
@@ -111,6 +175,17 @@ def test_comparison_sentence_is_computed_from_the_numbers():
     assert " beats " in text and "+0.200 (0.800 vs 0.600)" in text and "PSDS1 0.300 vs" in text
     worse = F.comparison_sentence({"flam": ev(0.55, 0.1), "flam_global": ev(0.6, 0.1)})
     assert "does not beat" in worse and "-0.050" in worse
+
+
+def test_ablation_sentence_is_computed_from_the_numbers():
+    def ev(score, f1):
+        m = {"auroc": 0.7, "auroc_active": 0.55, "event_f1": f1}
+        return {split: {score: m} for split in F.TEST_SPLITS}
+
+    assert F.ablation_sentence({"flam": ev("unbiased", 0.3)}) == ""  # no ablation arm trained
+    text = F.ablation_sentence({"flam": ev("unbiased", 0.3), "flam_no_la": ev("sigmoid", 0.1)})
+    assert "test_heldout: event F1 0.300 vs 0.100 (+0.200)" in text
+    assert "frame AUROC 0.700 vs 0.700 (+0.000)" in text
 
 
 def test_config_cross_checks_name_the_field():
@@ -133,18 +208,23 @@ def test_flam_smoke_end_to_end_and_resume(tmp_path, subprocess_env):
     res = run_cli(["run", "flam", "--preset", "smoke", "--run-dir", str(run_dir)], subprocess_env)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
-    for label in F.SCORERS.values():
+    models = F.smoke().models
+    scorers = {ks: label for ks, label in F.SCORERS.items() if ks[0] in models}
+    for label in scorers.values():
         for split in F.TEST_SPLITS:
             assert f"| {label} | {split} |" in report, (label, split)
-    assert "On held-out classes" in report
+    assert "On held-out classes" in report and "event F1 (threshold from valid)" in report
     summary = json.loads((run_dir / "summary.json").read_text())
-    final = summary["final"]
+    final = dict(summary["final"])
+    thresholds = {k: final.pop(k) for k in list(final) if k.endswith("/threshold")}
+    assert len(thresholds) == len(scorers)  # one per model and score, from the valid split
+    assert all(math.isfinite(v) for v in thresholds.values()), thresholds
     values = {k: v for k, v in final.items() if k != "num_params"}
     for split in F.TEST_SPLITS:
-        for (kind, score) in F.SCORERS:
+        for (kind, score) in scorers:
             for key in F.SED_METRICS:
                 assert f"{split}/{kind}/{score}/{key}" in values
-        for kind in F.MODELS:
+        for kind in models:
             for key in F.MODEL_METRICS:
                 assert f"{split}/{kind}/{key}" in values
     for key, v in values.items():
@@ -161,9 +241,9 @@ def test_flam_smoke_end_to_end_and_resume(tmp_path, subprocess_env):
     # training moves: FLAM's frame-wise loss falls (275 -> 103 when this was written). The
     # clip-level loss of FLAM-Global sits at chance over 6 smoke steps (log 4 = 1.39 with batch
     # 4: 1.42 -> 1.41), too short to ask more of it than to stay near chance.
-    flam_loss = [r["loss"][F.MODELS.index("flam")] for r in rows]
+    flam_loss = [r["loss"][models.index("flam")] for r in rows]
     assert flam_loss[-1] < 0.7 * flam_loss[0], flam_loss
-    global_loss = [r["loss"][F.MODELS.index("flam_global")] for r in rows]
+    global_loss = [r["loss"][models.index("flam_global")] for r in rows]
     assert all(abs(v - math.log(4)) < 0.5 for v in global_loss), global_loss
 
     metrics_before = (run_dir / "metrics.jsonl").read_text()

@@ -51,3 +51,19 @@ def test_findings_say_what_is_missing_instead_of_printing_nan(tmp_path):
     assert "nan" not in text and "finished here: none, k1-reward" in text
     stale = _staleness_findings(run, ("k1-reward",), staleness=2)
     assert "Needs finished runs of `none`" in stale
+
+
+def test_final_accuracy_is_the_last_evaluation_not_a_mean_of_evaluations(tmp_path):
+    """Evaluations are logged every eval_every iterations: the final accuracy is the last one
+    (0.234 here), not the mean over the last 5 rows holding it (0.203 = mean of all three)."""
+    from experiments.kl_estimators import _final, _final_values
+
+    rows = [{"step": s, "reward": 0.5} for s in range(1, 151)]
+    for s, acc in ((50, 0.328), (100, 0.047), (150, 0.234)):
+        rows[s - 1].update(eval_accuracy=acc, ood_accuracy=acc / 2)
+    assert _final(rows)["eval_accuracy"] == 0.234 and _final(rows)["ood_accuracy"] == 0.117
+    d = tmp_path / "configs" / "none-s0"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"final": {"eval_accuracy": 0.203}}))
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _final_values(RunDir(tmp_path), ["none"], "eval_accuracy") == [0.234]
