@@ -14,6 +14,7 @@ from scipy import stats
 from jaxrl_suite.agents import sac
 from jaxrl_suite.envs import make
 from jaxrl_suite.envs.core import Env
+from jaxrl_suite.networks import NetworkConfig
 from tests.jaxrl_suite.walk_env import walk_env
 from trainkit.checkpoint import Checkpointer
 from trainkit.config import ConfigError
@@ -288,17 +289,37 @@ def test_config_validation_and_discrete_envs_are_rejected():
 # --- learning ---------------------------------------------------------------------------------
 
 
+def random_policy_return(env: Env, key: jax.Array, num_envs: int = 16) -> float:
+    """Mean return of the uniform random policy (actions drawn from ``key`` folded with the
+    observation's bits, so they change every step) over ``num_envs`` episodes, with the same
+    evaluation loop as the agents' (:func:`jaxrl_suite.agents.evaluation.evaluate`)."""
+    from jaxrl_suite.agents.evaluation import evaluate
+
+    def policy(k, obs):
+        seeds = jnp.sum(jax.lax.bitcast_convert_type(obs, jnp.int32), axis=-1)
+        keys = jax.vmap(lambda s: jax.random.fold_in(k, s))(seeds)
+        return jax.vmap(lambda kk: jax.random.uniform(kk, (env.action_size,), jnp.float32,
+                                                      -1.0, 1.0))(keys)
+
+    return float(jax.jit(lambda k: evaluate(env, policy, k, k, num_envs))(key)["eval/return"])
+
+
 @pytest.mark.slow
 def test_sac_learns_pendulum():
-    """Known result: SAC reaches about -200 or better on Pendulum-v1 within ~1e4 env steps (a
-    random policy scores about -1200). Threshold: deterministic evaluation return > -400 after
-    the preset's run (mean over 16 episodes), and better than -1000 for the last training
-    episodes."""
+    """SAC on Pendulum-v1 (known: about -200 or better within ~1e4 env steps) at a CI budget:
+    4000 env steps, 2x64 nets, batch 128. Pendulum's rewards are <= 0, so "learned" is fixed
+    as: the deterministic policy's evaluation return (16 episodes) at least halves the cost of
+    the uniform random policy measured here (about -1200), and the last training episodes
+    beat the random policy."""
     env = make("gymnax/Pendulum-v1")
-    cfg = sac.SACConfig.pendulum()
+    net = NetworkConfig(kind="mlp", depth=2, width=64)
+    cfg = dataclasses.replace(sac.SACConfig.pendulum(), total_steps=4000, learning_starts=500,
+                              batch_size=128, buffer_size=4000, actor=net, critic=net)
     agent = sac.make_agent(cfg, env)
     state, metrics = jax.jit(agent.train)(jax.random.key(0))
     result = jax.jit(agent.evaluate)(state, jax.random.key(1))
-    assert int(state.env_steps) == cfg.num_chunks * cfg.chunk_steps
-    assert float(result["eval/return"]) > -400.0, result
-    assert float(metrics["episode_return"][-1]) > -1000.0
+    random_return = random_policy_return(env, jax.random.key(2))
+    assert int(state.env_steps) == cfg.num_chunks * cfg.chunk_steps == 4000
+    assert random_return < -900.0, random_return  # the baseline is the known random level
+    assert float(result["eval/return"]) > 0.5 * random_return, (result, random_return)
+    assert float(metrics["episode_return"][-1]) > random_return

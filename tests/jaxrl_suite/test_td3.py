@@ -201,14 +201,22 @@ def test_delayed_update_steps_the_actor_along_the_dpg(agent):
 
 @pytest.mark.slow
 def test_td3_learns_pendulum():
-    """Known result: TD3 reaches about -200 on Pendulum-v1 within ~1e4 env steps (a random
-    policy scores about -1200). Threshold as SAC's test: deterministic evaluation return > -400
-    after the preset's run (mean over the evaluation episodes)."""
+    """TD3 on Pendulum-v1 (known: about -200 within ~1e4 env steps) at a CI budget: 6000 env
+    steps, 2x128 nets, batch 128, 500 random steps. Threshold as SAC's test, fixed before the
+    run: the deterministic policy's evaluation return at least halves the cost of the uniform
+    random policy measured here (about -1200), and the last training episodes beat it."""
+    from jaxrl_suite.networks import NetworkConfig
+    from tests.jaxrl_suite.test_sac import random_policy_return
+
     env = make("gymnax/Pendulum-v1")
-    cfg = td3.TD3Config.pendulum()
+    net = NetworkConfig(kind="mlp", depth=2, width=128)
+    cfg = dataclasses.replace(td3.TD3Config.pendulum(), total_steps=6000, learning_starts=500,
+                              batch_size=128, buffer_size=6000, actor=net, critic=net)
     agent = td3.make_agent(cfg, env)
     state, metrics = jax.jit(agent.train)(jax.random.key(0))
     result = jax.jit(agent.evaluate)(state, jax.random.key(1))
-    assert int(state.env_steps) == cfg.num_chunks * cfg.chunk_steps
-    assert float(result["eval/return"]) > -400.0, result
-    assert float(metrics["episode_return"][-1]) > -1000.0
+    random_return = random_policy_return(env, jax.random.key(2))
+    assert int(state.env_steps) == cfg.num_chunks * cfg.chunk_steps == 6000
+    assert random_return < -900.0, random_return  # the baseline is the known random level
+    assert float(result["eval/return"]) > 0.5 * random_return, (result, random_return)
+    assert float(metrics["episode_return"][-1]) > random_return
