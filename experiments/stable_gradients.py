@@ -4,9 +4,11 @@ Castanyer et al. 2025, arXiv 2506.15544; official code roger-creus/stable-deep-r
 
 Two parts, each a set of sub-runs with the seeds vmapped inside one program:
 
-1. **RL**: PQN (:mod:`jaxrl_suite.agents.pqn`; the paper's main agent: lr 2.5e-4, Q(lambda)
-   0.65, RAdam) on a MinAtar task (gymnax), for every network size ``(width, blocks)`` and every
-   variant:
+1. **RL**: for each agent in ``agents`` -- PQN (:mod:`jaxrl_suite.agents.pqn`; the paper's
+   main agent: lr 2.5e-4, Q(lambda) 0.65, RAdam) and PPO (:mod:`jaxrl_suite.agents.ppo`; the
+   paper's second agent, their ``PPOArgs``: 8 envs x 128 steps, 4 minibatches x 4 epochs,
+   clip 0.1, lr 2.5e-4, RAdam) -- on a MinAtar task (gymnax), for every network size
+   ``(width, blocks)`` and every variant:
 
    * ``mlp``: plain ReLU MLP with ``2 * blocks + 1`` hidden layers (the multi-skip net's
      number of hidden Dense layers), no LayerNorm, RAdam;
@@ -15,9 +17,14 @@ Two parts, each a set of sub-runs with the seeds vmapped inside one program:
    * ``multiskip_kron``: the same with PSGD Kron (:mod:`jaxrl_suite.optim`) at ``lr / 3``
      (the paper's rule).
 
-   Sub-runs ``configs/rl--<variant>--w<width>-b<blocks>/`` log the training return, per-layer
-   gradient norms and consecutive-gradient cosines (every update, in-jit), and the health
-   report (dormant fraction, srank, Hutchinson trace and top eigenvalue of the TD loss).
+   ``encoder="conv"`` puts a 16-channel 3x3 conv torso (:mod:`jaxrl_suite.networks`) before
+   every variant's MLP. Sub-runs ``configs/rl--<agent>--<variant>--w<width>-b<blocks>/`` log
+   the training return, per-layer gradient norms and consecutive-gradient cosines, the churn
+   of the update on a fixed reference batch (representation; PQN: Q-values and greedy action,
+   PPO: policy KL/TV and value) every update, in-jit, and the health report (dormant fraction,
+   srank, Hutchinson trace and top eigenvalue of the TD / PPO loss). PPO's gradient-norm and
+   health columns are the actor's (*decision*: our PPO has separate actor and critic networks
+   where the paper's shares a trunk; both get the variant's network and optimizer).
 
 2. **Supervised non-stationary control** (the paper's Sec. 3 motivation): a deep network
    (``control_width``, ``control_blocks``) memorises random labels of ``control_samples``
@@ -25,14 +32,14 @@ Two parts, each a set of sub-runs with the seeds vmapped inside one program:
    redrawn. Loss of plasticity shows as a rising end-of-phase training loss (falling accuracy)
    from phase to phase; sub-runs ``configs/control--<variant>/``.
 
-The report's main plot is the final training return against network size per variant (mean
-and 95% CI over seeds); the second is the per-layer gradient norm of the largest size.
+The report's main plot, per agent, is the final training return against network size per
+variant (mean and 95% CI over seeds); the second is the per-layer gradient norm of the largest
+size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +52,13 @@ from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir, read_json, read_metrics, write_json
 
 VARIANTS = ("mlp", "multiskip", "multiskip_kron")
+AGENTS = ("pqn", "ppo")
+# where each agent's metrics live: health report of the (actor) network, the loss Hessian,
+# and the per-layer gradient norms (PPO: of the actor)
+_HEALTH = {"pqn": "health/q/", "ppo": "health/actor/"}
+_HESSIAN = {"pqn": "health/q/", "ppo": "health/"}
+_GRAD_PREFIX = {"pqn": "", "ppo": "actor/"}
+_CHURN_OUT = {"pqn": ("churn/q", "Q churn"), "ppo": ("churn/policy_kl", "policy KL churn")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +66,15 @@ class StableGradientsConfig(Config):
     seed: int = field(0, ge=0)
     env: str = field("gymnax/Breakout-MinAtar", help="a discrete-action jaxrl_suite env name")
     variants: tuple[str, ...] = field(VARIANTS, help=f"each of {', '.join(VARIANTS)}")
+    agents: tuple[str, ...] = field(AGENTS, help=f"each of {', '.join(AGENTS)}")
+    encoder: str = field("none", choices=("none", "conv"),
+                         help="none | conv (3x3 conv torso on the 10x10xC MinAtar image before "
+                              "each variant's MLP)")
     widths: tuple[int, ...] = field((512, 1536, 2560), help="network widths, one per size")
     blocks: tuple[int, ...] = field((1, 3, 5), help="residual blocks per size (mlp: 2*b+1 "
                                                     "hidden layers)")
-    rl: bool = field(True, help="run the PQN part")
-    total_timesteps: int = field(10_000_000, ge=1, help="env steps per PQN run")
+    rl: bool = field(True, help="run the RL part (every agent in agents)")
+    total_timesteps: int = field(10_000_000, ge=1, help="env steps per RL run")
     num_envs: int = field(128, ge=1)
     num_steps: int = field(32, ge=1)
     num_minibatches: int = field(32, ge=1)
@@ -68,10 +86,20 @@ class StableGradientsConfig(Config):
     q_lambda: float = field(0.65, ge=0, le=1)
     eps_finish: float = field(0.05, ge=0, le=1)
     eps_decay: float = field(0.1, ge=0, le=1)
-    chunk_updates: int = field(50, ge=1, help="PQN updates per logged chunk / checkpoint")
+    ppo_num_envs: int = field(8, ge=1)
+    ppo_num_steps: int = field(128, ge=1)
+    ppo_num_minibatches: int = field(4, ge=1)
+    ppo_update_epochs: int = field(4, ge=1)
+    ppo_lr: float = field(2.5e-4, gt=0, help="PPO RAdam learning rate (Kron: / kron_lr_divisor)")
+    ppo_clip_eps: float = field(0.1, gt=0)
+    chunk_updates: int = field(50, ge=1, help="updates per logged chunk / checkpoint")
     health_every: int = field(50, ge=1, help="health report (incl. Hessian) every N updates")
     hessian_samples: int = field(8, ge=0)
+    churn_samples: int = field(256, ge=0, help="fixed reference observations of the per-update "
+                                               "churn metrics (0 = off)")
     control: bool = field(True, help="run the supervised non-stationary control")
+    control_variants: tuple[str, ...] = field(VARIANTS, help="variants of the control (each "
+                                                             "one of VARIANTS)")
     control_width: int = field(256, ge=1)
     control_blocks: int = field(4, ge=1)
     control_samples: int = field(512, ge=8, le=1797)
@@ -85,51 +113,73 @@ class StableGradientsConfig(Config):
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise self.invalid("variants", f"each must be one of {', '.join(VARIANTS)}")
+        if any(v not in VARIANTS for v in self.control_variants):
+            raise self.invalid("control_variants", f"each must be one of {', '.join(VARIANTS)}")
+        if not self.agents or any(a not in AGENTS for a in self.agents):
+            raise self.invalid("agents", f"each must be one of {', '.join(AGENTS)}")
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise self.invalid("blocks", f"needs one entry per width ({len(self.widths)})")
         if any(w < 1 for w in self.widths) or any(b < 1 for b in self.blocks):
             raise self.invalid("widths", "widths and blocks must be >= 1")
-        batch = self.num_envs * self.num_steps
-        if batch % self.num_minibatches:
-            raise self.invalid("num_minibatches", f"must divide num_envs * num_steps = {batch}")
-        if self.total_timesteps < batch * self.chunk_updates:
-            raise self.invalid("total_timesteps", f"must be >= one chunk: num_envs * num_steps "
-                                                  f"* chunk_updates = {batch * self.chunk_updates}")
+        for agent in self.agents:
+            pre = "ppo_" if agent == "ppo" else ""
+            batch = self.batch_size(agent)
+            mbs = getattr(self, f"{pre}num_minibatches")
+            if batch % mbs:
+                raise self.invalid(f"{pre}num_minibatches",
+                                   f"must divide {pre}num_envs * {pre}num_steps = {batch}")
+            if self.total_timesteps < batch * self.chunk_updates:
+                raise self.invalid("total_timesteps", f"must be >= one {agent} chunk: "
+                                                      f"{pre}num_envs * {pre}num_steps * "
+                                                      f"chunk_updates = "
+                                                      f"{batch * self.chunk_updates}")
         if self.control_batch > self.control_samples:
             raise self.invalid("control_batch", f"must be <= control_samples = "
                                                 f"{self.control_samples}")
 
-    @property
-    def num_chunks(self) -> int:
-        return self.total_timesteps // (self.num_envs * self.num_steps * self.chunk_updates)
+    def batch_size(self, agent: str) -> int:
+        """Env steps per update of ``agent``."""
+        if agent == "ppo":
+            return self.ppo_num_envs * self.ppo_num_steps
+        return self.num_envs * self.num_steps
+
+    def num_chunks(self, agent: str) -> int:
+        return self.total_timesteps // (self.batch_size(agent) * self.chunk_updates)
 
 
 def smoke() -> StableGradientsConfig:
-    """Compile-light: one tiny size, the plain MLP and multi-skip + Kron (the two ends), 4 PQN
-    updates with the health/Hessian report once, and a 2-phase control."""
-    return StableGradientsConfig(variants=("mlp", "multiskip_kron"), widths=(16,), blocks=(1,),
-                                 total_timesteps=8 * 8 * 4, num_envs=8, num_steps=8,
-                                 num_minibatches=2, num_epochs=1, chunk_updates=4,
-                                 health_every=4, hessian_samples=1, control_width=16,
-                                 control_blocks=1, control_samples=64, control_phases=2,
-                                 control_steps=5, control_batch=32)
+    """Compile-light (every compiled program costs CI seconds): one tiny size, the plain MLP and
+    multi-skip + Kron (the two ends), PQN only, 2 updates with the health/Hessian report once
+    and churn every update, and a 2-phase control of the MLP only. (PPO's smoke-sized settings
+    are here too, for ``--set agents=pqn,ppo``.)"""
+    return StableGradientsConfig(variants=("mlp", "multiskip_kron"), agents=("pqn",),
+                                 control_variants=("mlp",), kron_max_size_triangular=32,
+                                 widths=(8,), blocks=(1,), total_timesteps=4 * 8 * 2,
+                                 num_envs=4, num_steps=8, num_minibatches=2, num_epochs=1,
+                                 ppo_num_envs=4, ppo_num_steps=8, ppo_num_minibatches=2,
+                                 ppo_update_epochs=1, chunk_updates=2, health_every=2,
+                                 hessian_samples=1, churn_samples=8, control_width=8,
+                                 control_blocks=1, control_samples=32, control_phases=2,
+                                 control_steps=3, control_batch=16)
 
 
 def cpu() -> StableGradientsConfig:
     """Breakout-MinAtar at the scale a shared 2-core CPU allows: widths 16/32/64 with 1/2/3
-    blocks (mlp: 3/5/7 hidden layers), 3 variants, PQN for 50 updates = 51k env steps (32 envs x
-    32 steps, 4 minibatches, 2 epochs; lr 1e-3 RAdam, Kron 3.3e-4 with diagonal factors above
-    256, i.e. on the 400-wide input axis); health every 25 updates with 2 Hessian probes;
-    control: 32 wide, 3 blocks, 6 phases of 200 steps on 256 digits. About 17 min with
-    ``--seeds 3`` on the loaded 2-core machine of docs/stable_gradients_results.md; orders of
-    magnitude below the paper's 1e7 steps and 512-2560 widths, so it shows the mechanics more
-    than the effect."""
+    blocks (mlp: 3/5/7 hidden layers), 3 variants, PQN and PPO for 51k env steps each. PQN: 50
+    updates of 32 envs x 32 steps, 4 minibatches, 2 epochs, lr 1e-3 RAdam; PPO: 50 updates of
+    8 envs x 128 steps (the paper's), 4 minibatches x 4 epochs, lr 1e-3 RAdam; Kron at lr / 3
+    with diagonal factors above 256 (the 400-wide input axis); health every 25 updates with 2
+    Hessian probes; churn on 256 fixed observations; control: 32 wide, 3 blocks, 6 phases of
+    200 steps on 256 digits. The PQN part took about 17 min with ``--seeds 3`` on the loaded
+    2-core machine of docs/stable_gradients_results.md; orders of magnitude below the paper's
+    1e7 steps and 512-2560 widths, so it shows the mechanics more than the effect."""
     return StableGradientsConfig(widths=(16, 32, 64), blocks=(1, 2, 3),
                                  total_timesteps=50 * 1024, num_envs=32, num_steps=32,
-                                 num_minibatches=4, num_epochs=2, lr=1e-3, chunk_updates=25,
-                                 health_every=25, hessian_samples=2, kron_max_size_triangular=256,
-                                 control_width=32, control_blocks=3, control_samples=256,
-                                 control_phases=6, control_steps=200, control_batch=64)
+                                 num_minibatches=4, num_epochs=2, lr=1e-3, ppo_lr=1e-3,
+                                 chunk_updates=25, health_every=25, hessian_samples=2,
+                                 kron_max_size_triangular=256, control_width=32,
+                                 control_blocks=3, control_samples=256, control_phases=6,
+                                 control_steps=200, control_batch=64)
 
 
 def paper() -> StableGradientsConfig:
@@ -140,14 +190,15 @@ def paper() -> StableGradientsConfig:
 # --- networks and agents --------------------------------------------------------------------
 
 
-def network(variant: str, width: int, blocks: int):
+def network(variant: str, width: int, blocks: int, *, encoder: str = "none",
+            kernel_init: str = "lecun_normal"):
     from jaxrl_suite.networks import NetworkConfig
 
     if variant == "mlp":
         return NetworkConfig(kind="mlp", depth=2 * blocks + 1, width=width, layer_norm=False,
-                             activation="relu")
+                             activation="relu", encoder=encoder, kernel_init=kernel_init)
     return NetworkConfig(kind="multiskip_paper", depth=blocks, width=width, layer_norm=True,
-                         activation="relu")
+                         activation="relu", encoder=encoder, kernel_init=kernel_init)
 
 
 def optimizer_name(variant: str) -> str:
@@ -164,23 +215,57 @@ def pqn_config(cfg: StableGradientsConfig, variant: str, width: int, blocks: int
                      eps_decay=cfg.eps_decay, num_minibatches=cfg.num_minibatches,
                      num_epochs=cfg.num_epochs,
                      lr=cfg.lr / cfg.kron_lr_divisor if kron else cfg.lr, reward_scale=1.0,
-                     q_lambda=cfg.q_lambda, network=network(variant, width, blocks),
+                     q_lambda=cfg.q_lambda,
+                     network=network(variant, width, blocks, encoder=cfg.encoder),
                      optimizer=optimizer_name(variant), grad_diagnostics=True,
                      kron=KronConfig(max_size_triangular=cfg.kron_max_size_triangular),
                      health_every=cfg.health_every, hessian_samples=cfg.hessian_samples,
-                     chunk_updates=cfg.chunk_updates)
+                     churn_samples=cfg.churn_samples, chunk_updates=cfg.chunk_updates)
 
 
-def layer_order(variant: str, blocks: int) -> list[str]:
-    """Dense modules from input to output (the keys of grad/norm/<module>)."""
+def ppo_config(cfg: StableGradientsConfig, variant: str, width: int, blocks: int):
+    """The paper's PPO (their ``PPOArgs``; orthogonal init, RAdam or Kron at ``lr / 3``)."""
+    from jaxrl_suite.agents.ppo import PPOConfig
+    from jaxrl_suite.optim import KronConfig
+
+    kron = optimizer_name(variant) == "kron"
+    return PPOConfig(num_envs=cfg.ppo_num_envs, num_steps=cfg.ppo_num_steps,
+                     total_timesteps=cfg.total_timesteps, update_epochs=cfg.ppo_update_epochs,
+                     num_minibatches=cfg.ppo_num_minibatches,
+                     lr=cfg.ppo_lr / cfg.kron_lr_divisor if kron else cfg.ppo_lr,
+                     clip_eps=cfg.ppo_clip_eps,
+                     network=network(variant, width, blocks, encoder=cfg.encoder,
+                                     kernel_init="orthogonal"),
+                     optimizer=optimizer_name(variant), grad_diagnostics=True,
+                     kron=KronConfig(max_size_triangular=cfg.kron_max_size_triangular),
+                     health_every=cfg.health_every, hessian_samples=cfg.hessian_samples,
+                     churn_samples=cfg.churn_samples, chunk_updates=cfg.chunk_updates)
+
+
+def agent_config(cfg: StableGradientsConfig, agent: str, variant: str, width: int, blocks: int):
+    return (ppo_config if agent == "ppo" else pqn_config)(cfg, variant, width, blocks)
+
+
+def layer_order(variant: str, blocks: int, agent: str = "pqn", conv_layers: int = 0
+                ) -> list[str]:
+    """Weight layers from input to output (the keys of grad/norm/<module>; PPO: the actor's)."""
+    torso = [f"torso/{i}/conv" for i in range(conv_layers)]
     if variant == "mlp":
-        return [f"hidden/{i}/dense" for i in range(2 * blocks + 1)] + ["head"]
-    return (["encoder/dense"] + [f"blocks/{i}/{k}/dense" for i in range(blocks)
-                                 for k in ("inner", "out")] + ["head"])
+        body = [f"hidden/{i}/dense" for i in range(2 * blocks + 1)]
+    else:
+        body = ["encoder/dense"] + [f"blocks/{i}/{k}/dense" for i in range(blocks)
+                                    for k in ("inner", "out")]
+    return [_GRAD_PREFIX[agent] + k for k in torso + body + ["head"]]
 
 
-def _rl_name(variant: str, width: int, blocks: int) -> str:
-    return f"rl--{variant}--w{width}-b{blocks}"
+def _conv_layers(cfg: StableGradientsConfig) -> int:
+    from jaxrl_suite.networks import NetworkConfig
+
+    return len(NetworkConfig().conv_channels) if cfg.encoder == "conv" else 0
+
+
+def _rl_name(agent: str, variant: str, width: int, blocks: int) -> str:
+    return f"rl--{agent}--{variant}--w{width}-b{blocks}"
 
 
 def _control_name(variant: str) -> str:
@@ -222,8 +307,7 @@ def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int):
         def step(carry, k):
             params, opt_state, labels = carry
             idx = jax.random.choice(k, n, (cfg.control_batch,), replace=False)
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x[idx],
-                                                                         labels[idx])
+            _, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x[idx], labels[idx])
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, labels), None
 
@@ -252,10 +336,12 @@ def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int):
 
 
 def _logged(key: str) -> bool:
-    return (key in ("episode_return", "loss", "q", "epsilon", "env_steps", "skipped")
-            or key.startswith(("grad/norm/", "grad/cos/"))
-            or key in ("health/q/dormant/all", "health/q/srank", "health/q/hessian_trace",
-                       "health/q/hessian_top_eig", "health/q/grad_norm/global"))
+    return (key in ("episode_return", "loss", "q", "epsilon", "env_steps", "skipped",
+                    "approx_kl", "entropy")
+            or key.startswith(("grad/norm/", "grad/cos/", "churn/"))
+            or (key.startswith("health/") and key.endswith(
+                ("/dormant/all", "/srank", "hessian_trace", "hessian_top_eig",
+                 "/grad_norm/global"))))
 
 
 def _finite_mean(x, axis):
@@ -265,12 +351,12 @@ def _finite_mean(x, axis):
 
 
 def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
-    from jaxrl_suite.agents import pqn
+    from jaxrl_suite.agents import ppo, pqn
     from jaxrl_suite.envs import make
 
     final, params_out = {}, {}
     if cfg.control:
-        for variant in cfg.variants:
+        for variant in cfg.control_variants:
             sub = RunDir(ctx.run_dir.path / "configs" / _control_name(variant))
             path = sub.path / "phases.json"
             if ctx.resume and path.exists():
@@ -288,48 +374,62 @@ def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
             env = make(cfg.env)
         except ValueError as err:
             raise UserError(f"config field 'env': {err}") from None
-        if not env.discrete:
+        if "pqn" in cfg.agents and not env.discrete:
             raise UserError(f"config field 'env': {cfg.env} has continuous actions; PQN needs "
-                            "discrete ones")
+                            "discrete ones (or set agents=ppo)")
+        if cfg.encoder == "conv" and env.observation_size % 100:
+            raise UserError(f"config field 'encoder': conv needs 10 x 10 x C image "
+                            f"observations (MinAtar); {cfg.env} has {env.observation_size}")
+        modules = {"pqn": pqn, "ppo": ppo}
         # size-major: a run stopped early still compares every variant at the smaller sizes
         for width, blocks in zip(cfg.widths, cfg.blocks):
-            for variant in cfg.variants:
-                name = _rl_name(variant, width, blocks)
-                sub = RunDir(ctx.run_dir.path / "configs" / name)
-                settings = pqn_config(cfg, variant, width, blocks)
-                write_json(sub.config_path, dataclasses.asdict(settings))
-                agent = pqn.make_agent(settings, env)
-                keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
-                state = jax.jit(jax.vmap(agent.init))(keys)
-                n = cfg.chunk_updates
-
-                @jax.jit
-                def chunk_fn(state, agent=agent, n=n):
-                    state, m = jax.vmap(lambda s: agent.train_chunk(s, n))(state)
-                    # per update: [seeds, n] -> [n, seeds]
-                    return state, {k: jnp.swapaxes(v, 0, 1) for k, v in m.items() if _logged(k)}
-
-                def chunk(state, num, chunk_fn=chunk_fn, n=n):
-                    # fit aligns chunks to multiples of chunk_size = n: always n updates
-                    assert num == n, (num, n)
-                    state, m = chunk_fn(state)
-                    return state, jax.tree.map(np.asarray, m)
-
-                loop = LoopSettings(num_steps=cfg.num_chunks * n, chunk_size=n, save_every=n,
-                                    key_metric="episode_return", desc=name,
-                                    max_nonfinite=cfg.num_chunks * n + 1)
-                state, logger = fit(sub, state, chunk, loop, resume=ctx.resume)
-                logger.close()
-                summary = _rl_summary(sub, cfg)
-                write_json(sub.summary_path, {"variant": variant, "width": width,
-                                              "blocks": blocks, **summary})
-                final[f"{name}/episode_return"] = float(np.nanmean(summary["return_per_seed"]))
-                params_out[name] = state.params
+            for agent_name in cfg.agents:
+                for variant in cfg.variants:
+                    name = _rl_name(agent_name, variant, width, blocks)
+                    settings = agent_config(cfg, agent_name, variant, width, blocks)
+                    agent = modules[agent_name].make_agent(settings, env)
+                    state = _train_sub_run(cfg, ctx, agent_name, name, settings, agent)
+                    summary = _rl_summary(RunDir(ctx.run_dir.path / "configs" / name))
+                    write_json(RunDir(ctx.run_dir.path / "configs" / name).summary_path,
+                               {"agent": agent_name, "variant": variant, "width": width,
+                                "blocks": blocks, **summary})
+                    final[f"{name}/episode_return"] = float(
+                        np.nanmean(summary["return_per_seed"]))
+                    params_out[name] = state.params
     steps = cfg.total_timesteps if cfg.rl else cfg.control_phases * cfg.control_steps
     return RunResult(params=params_out, metrics=final, steps=steps)
 
 
-def _rl_summary(sub: RunDir, cfg: StableGradientsConfig) -> dict:
+def _train_sub_run(cfg: StableGradientsConfig, ctx: RunContext, agent_name: str, name: str,
+                   settings, agent):
+    """One (agent, variant, size) sub-run, seeds vmapped, through trainkit's loop."""
+    sub = RunDir(ctx.run_dir.path / "configs" / name)
+    write_json(sub.config_path, dataclasses.asdict(settings))
+    keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
+    state = jax.jit(jax.vmap(agent.init))(keys)
+    n = cfg.chunk_updates
+
+    @jax.jit
+    def chunk_fn(state):
+        state, m = jax.vmap(lambda s: agent.train_chunk(s, n))(state)
+        # per update: [seeds, n] -> [n, seeds]
+        return state, {k: jnp.swapaxes(v, 0, 1) for k, v in m.items() if _logged(k)}
+
+    def chunk(state, num):
+        # fit aligns chunks to multiples of chunk_size = n: always n updates
+        assert num == n, (num, n)
+        state, m = chunk_fn(state)
+        return state, jax.tree.map(np.asarray, m)
+
+    total = cfg.num_chunks(agent_name) * n
+    loop = LoopSettings(num_steps=total, chunk_size=n, save_every=n,
+                        key_metric="episode_return", desc=name, max_nonfinite=total + 1)
+    state, logger = fit(sub, state, chunk, loop, resume=ctx.resume)
+    logger.close()
+    return state
+
+
+def _rl_summary(sub: RunDir) -> dict:
     """Per-seed means over the last 20% of updates: return, and per-layer grad norm/cosine."""
     rows = read_metrics(sub.path / "metrics.jsonl")
     window = max(1, len(rows) // 5)
@@ -353,81 +453,96 @@ def _series(path, key):
     return steps, values.T  # [seeds, N]
 
 
-def report(run_dir: RunDir) -> str:
-    cfg = load_json(StableGradientsConfig, run_dir.config_path)
+def _rl_report(run_dir: RunDir, cfg: StableGradientsConfig, agent: str):
+    """One agent's table and plots: return vs size, return curves, gradient norm by layer."""
     configs = run_dir.path / "configs"
-    figures, rows, text = [], [], []
+    figures, rows = [], []
     sizes = list(zip(cfg.widths, cfg.blocks))
     size_labels = [f"{w}x{b}" for w, b in sizes]
-    if cfg.rl:
-        main, curves_by_size = {}, {}
-        for variant in cfg.variants:
-            per_size = []
-            for i, (w, b) in enumerate(sizes):
-                s = configs / _rl_name(variant, w, b) / "summary.json"
-                if not s.exists():
-                    per_size.append(None)
-                    continue
-                summ = read_json(s)
-                fin = summ["final"]
-                ret = np.asarray(summ["return_per_seed"], np.float64)
-                per_size.append(ret)
-                mean, ci = plots.mean_and_ci(ret[:, None])
-                order = layer_order(variant, b)
-                first = fin.get(f"grad/norm/{order[0]}", [np.nan])
-                last = fin.get(f"grad/norm/{order[-2]}", [np.nan])
-                rows.append([variant, f"{w} x {b}", float(mean[0]), float(ci[0]),
-                             float(np.nanmean(first)), float(np.nanmean(last)),
-                             float(np.nanmean(fin.get(f"grad/cos/{order[0]}", [np.nan]))),
-                             float(np.nanmean(fin.get("health/q/dormant/all", [np.nan]))),
-                             float(np.nanmean(fin.get("health/q/srank", [np.nan]))),
-                             float(np.nanmean(fin.get("health/q/hessian_top_eig", [np.nan])))])
-                steps, values = _series(configs / _rl_name(variant, w, b) / "metrics.jsonl",
-                                        "episode_return")
-                env_steps = [st * cfg.num_envs * cfg.num_steps for st in steps]
-                curves_by_size.setdefault(size_labels[i], {})[variant] = (env_steps, values)
-            if all(p is not None for p in per_size):
-                main[variant] = (list(range(len(sizes))), np.stack(per_size, axis=1))
-        if main:
-            fig = plots.learning_curves(run_dir.plots_dir / "return_vs_size.png", main,
-                                        xlabel="network size index (" + ", ".join(
-                                            f"{i}: {l}" for i, l in enumerate(size_labels)) + ")",
-                                        ylabel="training return, last 20% of updates",
-                                        title=f"{cfg.env}: PQN return vs network size")
-            figures.append(fig)
-        for label, curves in curves_by_size.items():
-            figures.append(plots.learning_curves(
-                run_dir.plots_dir / f"return_curves_{label}.png", curves, xlabel="env steps",
-                ylabel="training episode return", title=f"{cfg.env}, size {label}"))
-        # per-layer gradient norms at the largest size
-        w, b = sizes[-1]
-        layer_curves = {}
-        for variant in cfg.variants:
-            s = configs / _rl_name(variant, w, b) / "summary.json"
-            if s.exists():
-                fin = read_json(s)["final"]
-                order = layer_order(variant, b)
+    conv = _conv_layers(cfg)
+    health, hess = _HEALTH[agent], _HESSIAN[agent]
+    churn_key, churn_label = _CHURN_OUT[agent]
+    main, curves_by_size, layer_curves = {}, {}, {}
+    for variant in cfg.variants:
+        per_size = []
+        for i, (w, b) in enumerate(sizes):
+            sub = configs / _rl_name(agent, variant, w, b)
+            if not (sub / "summary.json").exists():
+                per_size.append(None)
+                continue
+            summ = read_json(sub / "summary.json")
+            fin = summ["final"]
+            ret = np.asarray(summ["return_per_seed"], np.float64)
+            per_size.append(ret)
+            mean, ci = plots.mean_and_ci(ret[:, None])
+            order = layer_order(variant, b, agent, conv)
+
+            def avg(key, fin=fin):
+                return float(np.nanmean(fin.get(key, [np.nan])))
+
+            rows.append([variant, f"{w} x {b}", float(mean[0]), float(ci[0]),
+                         avg(f"grad/norm/{order[0]}"), avg(f"grad/norm/{order[-2]}"),
+                         avg(f"grad/cos/{order[0]}"), avg(f"{health}dormant/all"),
+                         avg(f"{health}srank"), avg(f"{hess}hessian_top_eig"),
+                         avg("churn/repr_relative"), avg(churn_key)])
+            steps, values = _series(sub / "metrics.jsonl", "episode_return")
+            env_steps = [st * cfg.batch_size(agent) for st in steps]
+            curves_by_size.setdefault(size_labels[i], {})[variant] = (env_steps, values)
+            if i == len(sizes) - 1:
                 vals = np.stack([np.asarray(fin.get(f"grad/norm/{k}", [np.nan]), np.float64)
                                  for k in order], axis=1)  # [seeds, layers]
                 layer_curves[variant] = (list(range(len(order))), vals)
-        if layer_curves:
-            figures.append(plots.learning_curves(
-                run_dir.plots_dir / "grad_norm_by_layer.png", layer_curves,
-                xlabel="Dense layer (0 = input, last = Q head)", ylabel="gradient norm",
-                title=f"per-layer gradient norm, size {w}x{b}, last 20%", logy=True))
-        table = plots.markdown_table(rows, [
-            "variant", "width x blocks", "return (last 20%)", "95% CI", "grad norm layer 0",
-            "grad norm last hidden", "grad cos layer 0", "dormant", "srank",
-            "Hessian top eig"])
-        text.append(f"## PQN on {cfg.env}\n\n{cfg.total_timesteps} env steps per run, "
-                    f"{cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.num_minibatches} "
-                    f"minibatches x {cfg.num_epochs} epochs, lr {cfg.lr} (Kron: lr / "
-                    f"{cfg.kron_lr_divisor}). Means over seeds of the last 20% of updates; "
-                    f"curves: mean and 95% CI over seeds.\n\n{table}\n")
+        if all(p is not None for p in per_size):
+            main[variant] = (list(range(len(sizes))), np.stack(per_size, axis=1))
+    title = f"{cfg.env}: {agent.upper()}"
+    if main:
+        figures.append(plots.learning_curves(
+            run_dir.plots_dir / f"return_vs_size_{agent}.png", main,
+            xlabel="network size index (" + ", ".join(
+                f"{i}: {l}" for i, l in enumerate(size_labels)) + ")",
+            ylabel="training return, last 20% of updates", title=f"{title} return vs size"))
+    for label, curves in curves_by_size.items():
+        figures.append(plots.learning_curves(
+            run_dir.plots_dir / f"return_curves_{agent}_{label}.png", curves,
+            xlabel="env steps", ylabel="training episode return", title=f"{title}, size {label}"))
+    if layer_curves:
+        w, b = sizes[-1]
+        figures.append(plots.learning_curves(
+            run_dir.plots_dir / f"grad_norm_by_layer_{agent}.png", layer_curves,
+            xlabel="weight layer (0 = input, last = output head)", ylabel="gradient norm",
+            title=f"{title}: per-layer gradient norm, size {w}x{b}, last 20%", logy=True))
+    table = plots.markdown_table(rows, [
+        "variant", "width x blocks", "return (last 20%)", "95% CI", "grad norm layer 0",
+        "grad norm last hidden", "grad cos layer 0", "dormant", "srank", "Hessian top eig",
+        "repr churn (relative)", churn_label])
+    if agent == "ppo":
+        setup = (f"{cfg.ppo_num_envs} envs x {cfg.ppo_num_steps} steps, "
+                 f"{cfg.ppo_num_minibatches} minibatches x {cfg.ppo_update_epochs} epochs, "
+                 f"clip {cfg.ppo_clip_eps}, lr {cfg.ppo_lr}; gradient norms and health of the "
+                 f"actor")
+    else:
+        setup = (f"{cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.num_minibatches} "
+                 f"minibatches x {cfg.num_epochs} epochs, lr {cfg.lr}")
+    encoder = ", conv torso" if cfg.encoder == "conv" else ""
+    section = (f"## {agent.upper()} on {cfg.env}\n\n{cfg.total_timesteps} env steps per run, "
+               f"{setup} (Kron: lr / {cfg.kron_lr_divisor}){encoder}. Means over seeds of the "
+               f"last 20% of updates (churn: per update, on {cfg.churn_samples} fixed "
+               f"observations); curves: mean and 95% CI over seeds.\n\n{table}\n")
+    return figures, section
+
+
+def report(run_dir: RunDir) -> str:
+    cfg = load_json(StableGradientsConfig, run_dir.config_path)
+    figures, text = [], []
+    if cfg.rl:
+        for agent in cfg.agents:
+            figs, section = _rl_report(run_dir, cfg, agent)
+            figures += figs
+            text.append(section)
     if cfg.control:
         crow, ccurves, cacc = [], {}, {}
-        for variant in cfg.variants:
-            path = configs / _control_name(variant) / "phases.json"
+        for variant in cfg.control_variants:
+            path = run_dir.path / "configs" / _control_name(variant) / "phases.json"
             if not path.exists():
                 continue
             res = {k: np.asarray(v, np.float64) for k, v in read_json(path).items()}
@@ -460,8 +575,9 @@ def report(run_dir: RunDir) -> str:
 
 EXPERIMENT = Experiment(
     name="stable_gradients",
-    description="multi-skip residual MLP + LayerNorm + Kron vs plain MLP: PQN return vs network "
-                "size on MinAtar, gradient flow, and a non-stationary supervised control",
+    description="multi-skip residual MLP + LayerNorm + Kron vs plain MLP: PQN/PPO return vs "
+                "network size on MinAtar, gradient flow, churn, and a non-stationary supervised "
+                "control",
     config_cls=StableGradientsConfig,
     presets={"smoke": smoke, "cpu": cpu, "paper": paper},
     run=run,

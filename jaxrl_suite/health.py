@@ -320,7 +320,119 @@ def mean_over_minibatches(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
             for k, v in aux.items()}
 
 
+# --- churn across one update (Castanyer et al. 2025; their src/utils/compute_churn.py) -------
+
+
+def representation_churn(before: jax.Array, after: jax.Array) -> dict[str, jax.Array]:
+    """How far one update moved the penultimate features on a fixed reference batch.
+
+    With ``f_0(x_i)`` and ``f_1(x_i)`` the head's input features before and after the update on
+    the reference observations ``x_1 .. x_n``::
+
+        l2       = (1/n) sum_i ||f_1(x_i) - f_0(x_i)||_2
+        relative = l2 / ((1/n) sum_i ||f_0(x_i)||_2)          (0 when every f_0 is 0)
+        cosine   = (1/n) sum_i (1 - cos(f_0(x_i), f_1(x_i)))  (a zero vector has cosine 0)
+
+    ``l2`` is the representation churn of the paper's ``compute_churn.py`` (per-sample L2
+    distance of old and new representations, averaged); ``relative`` and ``cosine`` are
+    scale-free, so networks whose features differ in size (a ReLU MLP against a sum of
+    LayerNorm outputs) can be compared.
+
+    Args:
+      before, after: ``[n, d]`` features of the same observations.
+    Returns:
+      ``{"l2", "relative", "cosine"}`` float32 scalars.
+    """
+    chex.assert_rank(before, 2)
+    chex.assert_equal_shape([before, after])
+    f0, f1 = before.astype(jnp.float32), after.astype(jnp.float32)
+    dist = jnp.linalg.norm(f1 - f0, axis=-1)
+    n0, n1 = jnp.linalg.norm(f0, axis=-1), jnp.linalg.norm(f1, axis=-1)
+    denom = n0 * n1
+    cos = jnp.where(denom > 0, jnp.sum(f0 * f1, -1) / jnp.where(denom > 0, denom, 1.0), 0.0)
+    scale = jnp.mean(n0)
+    l2 = jnp.mean(dist)
+    return {"l2": l2, "relative": jnp.where(scale > 0, l2 / jnp.where(scale > 0, scale, 1.0), 0.0),
+            "cosine": jnp.mean(1.0 - cos)}
+
+
+def q_churn(q_before: jax.Array, q_after: jax.Array) -> dict[str, jax.Array]:
+    """Q churn of one update on a fixed reference batch (Castanyer et al. 2025; the "churn" of
+    Tang & Berseth 2024, "Improving Deep RL by Reducing the Chain Effect of Value and Policy
+    Churn", NeurIPS 2024; here as a mean absolute change)::
+
+        q              = (1/(n A)) sum_{i,a} |Q_1(x_i, a) - Q_0(x_i, a)|
+        greedy_changed = (1/n) sum_i [argmax_a Q_1(x_i, .) != argmax_a Q_0(x_i, .)]
+
+    Args:
+      q_before, q_after: ``[n, A]`` Q-values of the same observations.
+    Returns:
+      ``{"q", "greedy_changed"}`` float32 scalars.
+    """
+    chex.assert_rank(q_before, 2)
+    chex.assert_equal_shape([q_before, q_after])
+    changed = jnp.argmax(q_before, -1) != jnp.argmax(q_after, -1)
+    return {"q": jnp.mean(jnp.abs(q_after - q_before).astype(jnp.float32)),
+            "greedy_changed": jnp.mean(changed.astype(jnp.float32))}
+
+
+def policy_churn(logits_before: jax.Array, logits_after: jax.Array) -> dict[str, jax.Array]:
+    """Policy churn of one update for categorical policies on a fixed reference batch::
+
+        kl = (1/n) sum_i KL(pi_0(.|x_i) || pi_1(.|x_i)) = (1/n) sum_i sum_a p0 (log p0 - log p1)
+        tv = (1/n) sum_i (1/2) sum_a |p1(a|x_i) - p0(a|x_i)|
+
+    with ``p = softmax(logits)``. ``kl`` is the direction PPO's trust region bounds (old policy
+    first); ``tv`` lies in ``[0, 1]``.
+
+    Args:
+      logits_before, logits_after: ``[n, A]``.
+    Returns:
+      ``{"kl", "tv"}`` float32 scalars.
+    """
+    chex.assert_rank(logits_before, 2)
+    chex.assert_equal_shape([logits_before, logits_after])
+    lp0 = jax.nn.log_softmax(logits_before.astype(jnp.float32))
+    lp1 = jax.nn.log_softmax(logits_after.astype(jnp.float32))
+    p0, p1 = jnp.exp(lp0), jnp.exp(lp1)
+    return {"kl": jnp.mean(jnp.sum(p0 * (lp0 - lp1), -1)),
+            "tv": jnp.mean(0.5 * jnp.sum(jnp.abs(p1 - p0), -1))}
+
+
+def gaussian_policy_churn(mean_before: jax.Array, mean_after: jax.Array,
+                          log_std_before: jax.Array, log_std_after: jax.Array
+                          ) -> dict[str, jax.Array]:
+    """Policy churn of diagonal Gaussian policies (continuous PPO): the closed-form KL::
+
+        kl = (1/n) sum_i sum_j [ log s1_j - log s0_j + (s0_j^2 + (m0_ij - m1_ij)^2) / (2 s1_j^2)
+                                 - 1/2 ]
+
+    Args:
+      mean_before, mean_after: ``[n, d]``; log_std_before, log_std_after: ``[d]``.
+    Returns:
+      ``{"kl"}``.
+    """
+    chex.assert_rank(mean_before, 2)
+    chex.assert_equal_shape([mean_before, mean_after])
+    s0, s1 = jnp.exp(2.0 * log_std_before), jnp.exp(2.0 * log_std_after)
+    kl = (log_std_after - log_std_before
+          + (s0 + jnp.square(mean_before - mean_after)) / (2.0 * s1) - 0.5)
+    return {"kl": jnp.mean(jnp.sum(kl, -1))}
+
+
+def churn_reference(reference: jax.Array, candidates: jax.Array, is_first: jax.Array,
+                    key: jax.Array) -> jax.Array:
+    """The fixed reference batch of the churn metrics: on the first update (``is_first``),
+    ``reference.shape[0]`` rows of ``candidates`` drawn without replacement; afterwards
+    ``reference`` unchanged (an agent keeps it in its state)."""
+    n = reference.shape[0]
+    idx = jax.random.choice(key, candidates.shape[0], (n,), replace=False)
+    return jnp.where(is_first, candidates[idx].astype(reference.dtype), reference)
+
+
 __all__ = [
+    "representation_churn", "q_churn", "policy_churn", "gaussian_policy_churn",
+    "churn_reference",
     "minibatch_gradient_flow", "mean_over_minibatches", "layer_cosines", "hvp", "hutchinson_trace", "hessian_top_eigenvalue", "gradient_flow",
     "tau_dormant_scores", "grama_scores", "dormant_mask", "inactive_fraction", "srank",
     "layer_norms", "redo_scores", "grama_layer_scores", "layer_health", "health_report",

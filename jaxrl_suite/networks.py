@@ -32,6 +32,24 @@ Fig. 3, and their code ``src/models/mlp.py`` ``MultiSkipResidualMLP``)
     in ``KINDS`` (whose members share one forward-equation oracle in the tests) but in
     ``ALL_KINDS``, the config's choices.
 
+Conv encoder (``encoder="conv"``, any kind; issue 18 item 2)
+    For image observations that the environment hands over flattened (MinAtar's ``[10, 10, C]``
+    becomes a 400- to 1000-vector in :mod:`jaxrl_suite.envs.gymnax_backend`, row-major), the
+    input is reshaped back to ``[H, W, C]`` (``image_hw``; ``C = in_dim / (H W)``) and passed
+    through a small torso of ``len(conv_channels)`` convolutions, each
+    ``c_{k+1} = act(LN(Conv_{3x3, stride 1, VALID}(c_k)))``; the last one is flattened and fed
+    to the chosen MLP kind as its input ``x``. With the default ``conv_channels=(16,)`` this is
+    the MinAtar network of Young & Tian (2019, "MinAtar", Sec. 4: one 3x3 conv with 16 channels,
+    then a Dense layer) and the small Nature-style encoder the stable-gradients code puts
+    before its MLP on pixels (``src/models/encoder.py`` ``AtariCNN``: conv, LayerNorm,
+    activation per layer). *Decision*: ``LN`` normalises each position's channel vector
+    (``nnx.LayerNorm`` on the last axis), so every channel owns one scale and bias entry as the
+    neuron-level tools need; AtariCNN normalises over ``[C, H, W]`` jointly. Torso layers are
+    neuron layers named ``torso/<k>`` (activations ``[batch, H', W', channels]``: health
+    scores average over positions); a conv's outgoing weights are the next conv's kernel
+    (axis ``-2`` is its input channel); the last conv's outputs are interleaved into the
+    flattened vector, so that layer is not isolable (``outgoing=None``).
+
 ``LN`` is LayerNorm when ``layer_norm`` is set and the identity otherwise; ``depth`` counts
 hidden layers for ``mlp`` and residual blocks for the other two. Parameters carry no logical-axis
 metadata yet, so ``trainkit.sharding.param_shardings`` replicates them (fine at RL widths).
@@ -96,6 +114,7 @@ KERNEL_INITS: dict[str, Initializer] = {
 
 KINDS = ("mlp", "residual", "multiskip")
 ALL_KINDS = KINDS + ("multiskip_paper",)
+ENCODERS = ("none", "conv")
 
 # Castanyer et al. (2025) network sizes: (width, residual blocks).
 SG_SIZES = {"small": (512, 1), "medium": (1536, 3), "large": (2560, 5)}
@@ -114,6 +133,31 @@ class NetworkConfig(Config):
     activation: str = field("relu", choices=tuple(ACTIVATIONS))
     kernel_init: str = field("lecun_normal", choices=tuple(KERNEL_INITS),
                              help="initializer of every Dense kernel (ReDo/ReGraMa re-use it)")
+    encoder: str = field("none", choices=ENCODERS,
+                         help="none | conv (3x3 conv torso on the observation reshaped to "
+                              "image_hw x C, before the MLP; for MinAtar-style images)")
+    image_hw: tuple[int, int] = field((10, 10), help="conv: observation height and width "
+                                                     "(channels = observation size / (H W))")
+    conv_channels: tuple[int, ...] = field((16,), help="conv: channels of each 3x3 stride-1 "
+                                                       "VALID convolution")
+
+    def validate(self) -> None:
+        if self.encoder == "conv":
+            h, w = self.image_hw
+            if h < 1 or w < 1:
+                raise self.invalid("image_hw", "height and width must be >= 1")
+            if not self.conv_channels or min(self.conv_channels) < 1:
+                raise self.invalid("conv_channels", "needs at least one entry, each >= 1")
+            if min(h, w) - 2 * len(self.conv_channels) < 1:
+                raise self.invalid("conv_channels", f"{len(self.conv_channels)} VALID 3x3 "
+                                                    f"convolutions do not fit a {h} x {w} image")
+
+    @classmethod
+    def minatar_conv(cls, kind: str = "multiskip_paper", depth: int = 1, width: int = 256,
+                     **kw) -> NetworkConfig:
+        """A 16-channel 3x3 conv torso (Young & Tian 2019) before the given MLP kind."""
+        return cls(kind=kind, depth=depth, width=width, encoder="conv",
+                   **{"layer_norm": True, **kw})
 
     @classmethod
     def tiny(cls) -> "NetworkConfig":
@@ -247,8 +291,24 @@ class DenseUnit(nnx.Module):
         return self.norm(h) if self.norm is not None else h
 
 
+class ConvUnit(nnx.Module):
+    """``LN(Conv(x))``: a 3x3 stride-1 VALID convolution with an optional per-position LayerNorm
+    over its output channels."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, layer_norm: bool, kernel_init: Initializer,
+                 rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_ch, out_ch, kernel_size=(3, 3), strides=(1, 1), padding="VALID",
+                             kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(),
+                             rngs=rngs)
+        self.norm = nnx.LayerNorm(out_ch, rngs=rngs) if layer_norm else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv(x)
+        return self.norm(h) if self.norm is not None else h
+
+
 class Network(nnx.Module):
-    """Shared pieces: config, activation, layer descriptions."""
+    """Shared pieces: config, activation, layer descriptions, the optional conv torso."""
 
     config: NetworkConfig
     output_kernel: Path = ("head", "kernel")  # the output layer: never a neuron layer
@@ -256,6 +316,50 @@ class Network(nnx.Module):
 
     def _act(self, x: jax.Array) -> jax.Array:
         return ACTIVATIONS[self.config.activation](x)
+
+    def _init_torso(self, in_dim: int, rngs: nnx.Rngs) -> int:
+        """Build ``self.torso`` (``None`` without a conv encoder); returns the MLP's input size."""
+        c = self.config
+        if c.encoder != "conv":
+            self.torso = None
+            return in_dim
+        h, w = c.image_hw
+        if in_dim % (h * w):
+            raise ValueError(f"NetworkConfig.encoder='conv': observation size {in_dim} is not a "
+                             f"multiple of image_hw {h} x {w} = {h * w}; set image_hw to the "
+                             f"observation's height and width")
+        chans = (in_dim // (h * w), *c.conv_channels)
+        self.torso = nnx.List([ConvUnit(chans[i], chans[i + 1], layer_norm=c.layer_norm,
+                                        kernel_init=KERNEL_INITS[c.kernel_init], rngs=rngs)
+                               for i in range(len(c.conv_channels))])
+        n = len(c.conv_channels)
+        return (h - 2 * n) * (w - 2 * n) * chans[-1]
+
+    def _torso(self, x: jax.Array, acts: dict) -> jax.Array:
+        """The conv torso on flat observations ``[..., H W C]`` -> flat features ``[..., D]``."""
+        if self.torso is None:
+            return x
+        h, w = self.config.image_hw
+        lead = x.shape[:-1]
+        x = x.reshape((-1, h, w, x.shape[-1] // (h * w)))
+        for i, unit in enumerate(self.torso):
+            x = self._act(unit(x))
+            acts[f"torso/{i}"] = x.reshape(lead + x.shape[1:])
+        return x.reshape(lead + (-1,))
+
+    def _torso_layers(self) -> list[NeuronLayer]:
+        c = self.config
+        if c.encoder != "conv":
+            return []
+        n = len(c.conv_channels)
+        init = KERNEL_INITS[c.kernel_init]
+        return [NeuronLayer(
+            name=f"torso/{i}", width=c.conv_channels[i], kernel=("torso", i, "conv", "kernel"),
+            bias=("torso", i, "conv", "bias"),
+            norm_scale=("torso", i, "norm", "scale") if c.layer_norm else None,
+            norm_bias=("torso", i, "norm", "bias") if c.layer_norm else None,
+            outgoing=(("torso", i + 1, "conv", "kernel"),) if i + 1 < n else None,
+            kernel_init=init) for i in range(n)]
 
     def _layer(self, module_path: Path, outgoing: tuple[Path, ...] | None) -> NeuronLayer:
         c = self.config
@@ -273,6 +377,7 @@ class MLP(Network):
     def __init__(self, config: NetworkConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
         self.config = config
         init = KERNEL_INITS[config.kernel_init]
+        in_dim = self._init_torso(in_dim, rngs)
         dims = [in_dim] + [config.width] * config.depth
         self.hidden = nnx.List([DenseUnit(a, b, layer_norm=config.layer_norm, kernel_init=init,
                                           rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
@@ -280,6 +385,7 @@ class MLP(Network):
 
     def __call__(self, x: jax.Array, return_activations: bool = False):
         acts = {}
+        x = self._torso(x, acts)
         for i, unit in enumerate(self.hidden):
             x = self._act(unit(x))
             acts[f"hidden/{i}"] = x
@@ -290,7 +396,8 @@ class MLP(Network):
     def neuron_layers(self) -> tuple[NeuronLayer, ...]:
         n = self.config.depth
         nxt = [("hidden", i + 1, "dense", "kernel") for i in range(n - 1)] + [self.output_kernel]
-        return tuple(self._layer(("hidden", i), (nxt[i],)) for i in range(n))
+        return tuple(self._torso_layers()
+                     + [self._layer(("hidden", i), (nxt[i],)) for i in range(n)])
 
 
 class Block(nnx.Module):
@@ -309,6 +416,7 @@ class ResidualMLP(Network):
     def __init__(self, config: NetworkConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
         self.config = config
         init = KERNEL_INITS[config.kernel_init]
+        in_dim = self._init_torso(in_dim, rngs)
         self.encoder = DenseUnit(in_dim, config.width, layer_norm=config.layer_norm,
                                  kernel_init=init, rngs=rngs)
         self.blocks = nnx.List([Block(config.width, layer_norm=config.layer_norm,
@@ -317,7 +425,7 @@ class ResidualMLP(Network):
 
     def __call__(self, x: jax.Array, return_activations: bool = False):
         acts = {}
-        e = self._act(self.encoder(x))
+        e = self._act(self.encoder(self._torso(x, acts)))
         acts["encoder"] = e
         z = e
         for i, block in enumerate(self.blocks):
@@ -332,7 +440,7 @@ class ResidualMLP(Network):
         return (out, acts) if return_activations else out
 
     def neuron_layers(self) -> tuple[NeuronLayer, ...]:
-        layers = [self._layer(("encoder",), None)]
+        layers = self._torso_layers() + [self._layer(("encoder",), None)]
         for i in range(self.config.depth):
             reader = ("blocks", i, "out", "dense", "kernel")  # the only reader of the inner neurons
             layers.append(self._layer(("blocks", i, "inner"), (reader,)))
@@ -345,7 +453,7 @@ class MultiSkipResidualMLP(ResidualMLP):
 
     def __call__(self, x: jax.Array, return_activations: bool = False):
         acts = {}
-        g = self.encoder(x)  # h_0 = LN(W_in x + b): no activation
+        g = self.encoder(self._torso(x, acts))  # h_0 = LN(W_in x + b): no activation
         acts["encoder"] = g
         z = g
         for i, block in enumerate(self.blocks):

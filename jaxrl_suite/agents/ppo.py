@@ -52,7 +52,14 @@ Decisions (as in PureJaxRL ``ppo.py`` / ``ppo_continuous_action.py`` and CleanRL
 * stable-gradients options (Castanyer et al. 2025, issue 18): ``optimizer`` (Adam, RAdam or
   PSGD Kron from :mod:`jaxrl_suite.optim`), ``grad_diagnostics`` (per-layer gradient norms
   and consecutive-minibatch gradient cosines, in-jit, every update) and ``hessian_samples``
-  (PPO-loss Hessian trace and top eigenvalue in the health report).
+  (PPO-loss Hessian trace and top eigenvalue in the health report); ``churn_samples``: how much
+  each update changed the networks' outputs on a fixed reference batch of that many
+  observations (drawn without replacement from the first update's rollout, as the actor saw
+  them, and kept in :class:`PPOState`): the actor's penultimate features
+  (``churn/repr_*``, :func:`jaxrl_suite.health.representation_churn`), the policy
+  (``churn/policy_kl``, ``churn/policy_tv``: :func:`jaxrl_suite.health.policy_churn`;
+  Gaussian KL for continuous actions) and the value (``churn/value``, mean ``|V_1 - V_0|``),
+  between the parameters before the update and after it.
 """
 
 from __future__ import annotations
@@ -116,6 +123,9 @@ class PPOConfig(Config):
                                       "needs network.kernel_init='orthogonal'")
     init_log_std: float = field(0.0, help="initial log standard deviation (continuous actions)")
     normalize_obs: bool = field(False, help="normalise observations with running moments")
+    churn_samples: int = field(0, ge=0, help="representation, policy and value churn of every "
+                                             "update on a fixed batch of this many "
+                                             "observations (0 = off)")
     guard_nonfinite: bool = field(True, help="skip an update whose losses or new parameters "
                                              "are non-finite")
     health_every: int = field(0, ge=0, help="neuron-health metrics every N updates (0 = off)")
@@ -280,6 +290,7 @@ class PPOState:
     env_steps: jax.Array  # int32: environment steps done (all envs)
     guard: GuardState
     obs_norm: Any  # normalization.RunningMeanStd, or None without normalize_obs
+    churn_obs: Any = None  # [churn_samples, obs] reference batch (churn_samples > 0), else None
 
 
 @struct.dataclass
@@ -397,9 +408,11 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
         obs_norm = None
         if c.normalize_obs:
             obs_norm = normalization.update(normalization.init(obs_dim), env_state.obs)
+        churn_obs = (jnp.zeros((min(c.churn_samples, B), obs_dim), jnp.float32)
+                     if c.churn_samples else None)
         return PPOState(params=params, opt_state=optimizer.init(params), env_state=env_state,
                         key=k_state, update=zero, env_steps=zero, guard=init_guard(),
-                        obs_norm=obs_norm)
+                        obs_norm=obs_norm, churn_obs=churn_obs)
 
     v_step = jax.vmap(env.step)
 
@@ -437,6 +450,18 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
             out["health/hessian_top_eig"] = health.hessian_top_eigenvalue(
                 ppo_loss, params, k_eig, c.hessian_samples)
         return out
+
+    def churn_metrics(before, after, obs):
+        out0, acts0 = nnx.merge(actor_gd, before["actor"])(obs, return_activations=True)
+        out1, acts1 = nnx.merge(actor_gd, after["actor"])(obs, return_activations=True)
+        rep = health.representation_churn(acts0["features"], acts1["features"])
+        if discrete:
+            pol = health.policy_churn(out0, out1)
+        else:
+            pol = health.gaussian_policy_churn(out0, out1, before["log_std"], after["log_std"])
+        value = jnp.mean(jnp.abs(critic_out(after, obs) - critic_out(before, obs)))
+        return {**{f"churn/repr_{k}": v for k, v in rep.items()},
+                **{f"churn/policy_{k}": v for k, v in pol.items()}, "churn/value": value}
 
     def update(state: PPOState, do_health: jax.Array):
         params = state.params
@@ -498,9 +523,14 @@ def make_agent(config: PPOConfig, env: Env) -> PPOAgent:
         obs_norm = state.obs_norm
         if c.normalize_obs:  # the raw observations acted on in this rollout
             obs_norm = normalization.update(obs_norm, traj_raw_obs)
+        churn_obs = state.churn_obs
+        if c.churn_samples:
+            churn_obs = health.churn_reference(churn_obs, batch.obs, state.update == 0,
+                                               jax.random.fold_in(k_epochs, 2))
+            metrics.update(churn_metrics(state.params, params, churn_obs))
         new_state = PPOState(params=params, opt_state=opt_state, env_state=env_state, key=key,
                              update=state.update + 1, env_steps=env_steps, guard=guard,
-                             obs_norm=obs_norm)
+                             obs_norm=obs_norm, churn_obs=churn_obs)
         return new_state, metrics
 
     def train_chunk(state: PPOState, num_updates: int | None = None):

@@ -22,7 +22,13 @@ Adam or PSGD Kron (:mod:`jaxrl_suite.optim`); ``network.kind="multiskip_paper"``
 residual MLP; ``grad_diagnostics`` logs per-layer gradient norms ``grad/norm/<layer>`` and the
 cosine of consecutive minibatch gradients ``grad/cos/<layer>`` every update (in-jit);
 ``hessian_samples`` adds the TD-loss Hessian trace (Hutchinson) and top eigenvalue (power
-iteration) to the health report.
+iteration) to the health report; ``churn_samples`` logs, every update, how much the update
+changed the network's outputs on a fixed reference batch of that many observations (drawn
+without replacement from the first update's rollout and kept in :class:`PQNState`): the
+penultimate features (:func:`jaxrl_suite.health.representation_churn`, ``churn/repr_*``), the
+Q-values and the greedy action (:func:`jaxrl_suite.health.q_churn`, ``churn/q``,
+``churn/greedy_changed``), between the parameters before the update's first minibatch and
+after its last.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class PQNConfig(Config):
     hessian_samples: int = field(0, ge=0, help="with health_every: Hutchinson probes and power "
                                                "iterations for the TD-loss Hessian trace and top "
                                                "eigenvalue (0 = off)")
+    churn_samples: int = field(0, ge=0, help="representation and Q churn of every update on a "
+                                             "fixed batch of this many observations (0 = off)")
     guard_nonfinite: bool = field(True, help="skip an update whose losses or new parameters "
                                              "are non-finite")
     health_every: int = field(0, ge=0, help="neuron-health metrics every N updates (0 = off)")
@@ -187,6 +195,7 @@ class PQNState:
     update: jax.Array  # int32: updates done
     env_steps: jax.Array  # int32
     guard: GuardState
+    churn_obs: Any = None  # [churn_samples, obs] reference batch (churn_samples > 0), else None
 
 
 @struct.dataclass
@@ -245,8 +254,11 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
         params = init_params(k_params)
         env_state = jax.vmap(env.reset)(jax.random.split(k_env, N))
         zero = jnp.zeros((), jnp.int32)
+        churn_obs = (jnp.zeros((min(c.churn_samples, B), env.observation_size), jnp.float32)
+                     if c.churn_samples else None)
         return PQNState(params=params, opt_state=optimizer.init(params), env_state=env_state,
-                        key=k_state, update=zero, env_steps=zero, guard=init_guard())
+                        key=k_state, update=zero, env_steps=zero, guard=init_guard(),
+                        churn_obs=churn_obs)
 
     v_step = jax.vmap(env.step)
 
@@ -272,6 +284,13 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
             rep["hessian_top_eig"] = health.hessian_top_eigenvalue(td, params, k_eig,
                                                                    c.hessian_samples)
         return {f"health/q/{k}": v.astype(jnp.float32) for k, v in rep.items()}
+
+    def churn_metrics(before, after, obs):
+        q0, acts0 = nnx.merge(graphdef, before)(obs, return_activations=True)
+        q1, acts1 = nnx.merge(graphdef, after)(obs, return_activations=True)
+        rep = health.representation_churn(acts0["features"], acts1["features"])
+        return {**{f"churn/repr_{k}": v for k, v in rep.items()},
+                **{f"churn/{k}": v for k, v in health.q_churn(q0, q1).items()}}
 
     def update(state: PQNState, do_health: jax.Array):
         params = state.params
@@ -323,8 +342,14 @@ def make_agent(config: PQNConfig, env: Env) -> PQNAgent:
         if c.health_every:
             metrics.update(jax.lax.cond(do_health, health_metrics, _nan_like(health_metrics),
                                         params, (batch, jax.random.fold_in(k_epochs, 1))))
+        churn_obs = state.churn_obs
+        if c.churn_samples:
+            churn_obs = health.churn_reference(churn_obs, batch.obs, state.update == 0,
+                                               jax.random.fold_in(k_epochs, 2))
+            metrics.update(churn_metrics(state.params, params, churn_obs))
         return PQNState(params=params, opt_state=opt_state, env_state=env_state, key=key,
-                        update=state.update + 1, env_steps=env_steps, guard=guard), metrics
+                        update=state.update + 1, env_steps=env_steps, guard=guard,
+                        churn_obs=churn_obs), metrics
 
     def train_chunk(state: PQNState, num_updates: int | None = None):
         n = int(num_updates or c.chunk_updates)

@@ -200,6 +200,15 @@ def test_health_report_under_jit(kind):
     n = sum(l.width for l in layers)
     assert float(rep["dead/all"]) == pytest.approx(
         sum(float(rep[f"dead/{l.name}"]) * l.width for l in layers) / n)
+    # grama_kernel/all: every layer scored by its own kernel gradient, width-weighted (in the
+    # plain MLP the same as grama/all; with LayerNorm it reads the kernels, not gamma)
+    from jaxrl_suite.networks import tree_get
+
+    kernel_fracs = [np.mean(_np_grama(np.asarray(tree_get(grads, l.kernel))) <= 0.1) for l in layers]
+    assert float(rep["grama_kernel/all"]) == pytest.approx(
+        sum(f * l.width for f, l in zip(kernel_fracs, layers)) / n, abs=1e-6)
+    if kind == "mlp":
+        assert float(rep["grama_kernel/all"]) == pytest.approx(float(rep["grama/all"]))
     feats = np.asarray(acts["features"], np.float64)
     sig = np.linalg.svd(feats, compute_uv=False)
     assert int(rep["srank"]) == int(np.argmax(np.cumsum(sig) >= 0.99 * sig.sum())) + 1
@@ -220,3 +229,76 @@ def test_health_report_under_jit(kind):
                                _np_grama(np.asarray(tree_get(grads, first.kernel))), rtol=1e-5)
     with pytest.raises(ValueError, match="source"):
         health.grama_layer_scores(grads, layers, source="bias")
+
+
+# --- churn across one update ------------------------------------------------------------------
+
+
+class ChurnOracleTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_representation_churn_hand_computed(self):
+        before = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+        after = jnp.array([[0.0, 4.0], [2.0, 0.0]])
+        out = self.variant(health.representation_churn)(before, after)
+        # distances 3 and 2 -> l2 2.5; mean norm before (5 + 0) / 2 = 2.5 -> relative 1 (after:
+        # 3); cosines 16 / (5 * 4) = 0.8 and 0 (a zero vector) -> mean(0.2, 1) = 0.6
+        np.testing.assert_allclose([out["l2"], out["relative"], out["cosine"]], [2.5, 1.0, 0.6],
+                                   rtol=1e-6)
+        zero = self.variant(health.representation_churn)(jnp.zeros((2, 2)), after)
+        assert float(zero["relative"]) == 0.0 and np.isfinite(float(zero["cosine"]))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_q_churn_hand_computed(self):
+        q0 = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+        q1 = jnp.array([[1.0, 4.0, 3.0], [0.0, 0.0, 0.5]])
+        out = self.variant(health.q_churn)(q0, q1)
+        # |dQ| = 2 and 0.5 over 6 entries; greedy action 2 -> 1 in row 0, 2 -> 2 in row 1
+        np.testing.assert_allclose(out["q"], 2.5 / 6, rtol=1e-6)
+        np.testing.assert_allclose(out["greedy_changed"], 0.5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_policy_churn_hand_computed(self):
+        l0 = jnp.log(jnp.array([[0.5, 0.5], [0.2, 0.8]]))
+        l1 = jnp.log(jnp.array([[0.9, 0.1], [0.2, 0.8]])) + 3.0  # a shift leaves pi unchanged
+        out = self.variant(health.policy_churn)(l0, l1)
+        # row 0: KL = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = ln(5/3), TV = 0.4; row 1: 0, 0
+        np.testing.assert_allclose(out["kl"], np.log(5 / 3) / 2, rtol=1e-5)
+        np.testing.assert_allclose(out["tv"], 0.2, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gaussian_policy_churn_hand_computed(self):
+        m0, m1 = jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]])
+        ls0, ls1 = jnp.zeros(2), jnp.log(jnp.array([2.0, 1.0]))
+        out = self.variant(health.gaussian_policy_churn)(m0, m1, ls0, ls1)
+        # dim 0: ln 2 + (1 + 1) / (2 * 4) - 1/2; dim 1: 0
+        np.testing.assert_allclose(out["kl"], np.log(2) + 0.25 - 0.5, rtol=1e-6)
+
+
+_policy_churn = jax.jit(health.policy_churn)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.01, 5.0))
+def test_policy_churn_properties_against_numpy(seed, scale):
+    rng = np.random.default_rng(seed)
+    l0, l1 = rng.normal(size=(5, 4)) * scale, rng.normal(size=(5, 4)) * scale  # one shape: one compile
+    p0 = np.exp(l0) / np.exp(l0).sum(-1, keepdims=True)
+    p1 = np.exp(l1) / np.exp(l1).sum(-1, keepdims=True)
+    out = _policy_churn(jnp.asarray(l0, jnp.float32), jnp.asarray(l1, jnp.float32))
+    np.testing.assert_allclose(out["kl"], np.mean(np.sum(p0 * np.log(p0 / p1), -1)), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(out["tv"], np.mean(0.5 * np.abs(p1 - p0).sum(-1)), rtol=1e-4,
+                               atol=1e-6)
+    assert float(out["kl"]) >= -1e-6 and 0.0 <= float(out["tv"]) <= 1.0
+    same = _policy_churn(jnp.asarray(l0, jnp.float32), jnp.asarray(l0, jnp.float32))
+    assert abs(float(same["kl"])) < 1e-6 and float(same["tv"]) == 0.0
+
+
+def test_churn_reference_is_drawn_once():
+    ref = jnp.zeros((3, 2))
+    cand = jnp.arange(20.0).reshape(10, 2)
+    first = health.churn_reference(ref, cand, jnp.array(True), jax.random.key(0))
+    rows = {tuple(r) for r in np.asarray(first)}
+    assert len(rows) == 3 and rows <= {tuple(r) for r in np.asarray(cand)}  # distinct rows
+    later = health.churn_reference(first, cand + 100, jnp.array(False), jax.random.key(1))
+    np.testing.assert_array_equal(later, first)

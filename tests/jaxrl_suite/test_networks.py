@@ -128,3 +128,59 @@ def test_config_validation_names_field():
         assert len(layers) == (cfg.depth if cfg.kind == "mlp" else 1 + 2 * cfg.depth)
         assert all(l.width == cfg.width and (l.norm_scale is not None) == cfg.layer_norm
                    for l in layers)
+
+
+# --- the conv encoder ---------------------------------------------------------------------------
+
+
+def _np_conv3x3_valid(x, k, b):
+    """x [n, H, W, C], k [3, 3, C, D]: out[n, i, j, d] = sum_{u, v, c} x[n, i+u, j+v, c] k[u, v, c, d]."""
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h - 2, w - 2, k.shape[-1]))
+    for u in range(3):
+        for v in range(3):
+            out += np.einsum("nijc,cd->nijd", x[:, u:u + h - 2, v:v + w - 2], k[u, v])
+    return out + b
+
+
+@pytest.mark.parametrize("kind", ["mlp", "multiskip_paper"])
+def test_conv_encoder_matches_numpy_and_addresses_neurons(kind):
+    cfg = NetworkConfig(kind=kind, depth=1, width=8, layer_norm=True, encoder="conv",
+                        image_hw=(6, 5), conv_channels=(4, 3))
+    model = make_network(cfg, 6 * 5 * 2, 3, nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (7, 6 * 5 * 2))  # flat, as the envs hand it over
+    out, acts = model(x, return_activations=True)
+    assert out.shape == (7, 3)
+    assert acts["torso/0"].shape == (7, 4, 3, 4) and acts["torso/1"].shape == (7, 2, 1, 3)
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    h = np.asarray(x, np.float64).reshape(7, 6, 5, 2)  # row-major [H, W, C], as gymnax flattens
+    for i in range(2):
+        u = p["torso"][i]
+        h = _np_conv3x3_valid(h, np.asarray(u["conv"]["kernel"]), np.asarray(u["conv"]["bias"]))
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        h = (h - mu) / np.sqrt(var + 1e-6) * np.asarray(u["norm"]["scale"]) + np.asarray(
+            u["norm"]["bias"])
+        h = np.maximum(h, 0)
+        np.testing.assert_allclose(np.asarray(acts[f"torso/{i}"]), h, rtol=1e-4, atol=1e-5)
+    # the head sees what the MLP of this kind makes of the flattened torso output
+    body = make_network(NetworkConfig(kind=kind, depth=1, width=8, layer_norm=True), 6, 3,
+                        nnx.Rngs(0))
+    nnx.update(body, nnx.State({k: v for k, v in nnx.state(model, nnx.Param).items()
+                                if k != "torso"}))
+    np.testing.assert_allclose(np.asarray(body(jnp.asarray(h.reshape(7, 6), jnp.float32))),
+                               np.asarray(out), rtol=1e-4, atol=1e-5)
+    layers = model.neuron_layers()
+    assert [l.name for l in layers[:2]] == ["torso/0", "torso/1"]
+    assert layers[0].outgoing == (("torso", 1, "conv", "kernel"),) and layers[1].outgoing is None
+    state = nnx.state(model, nnx.Param)
+    for l in layers[:2]:
+        assert tree_get(state, l.kernel).shape[-1] == l.width
+        assert tree_get(state, l.norm_scale).shape == (l.width,)
+    assert tree_get(state, layers[0].outgoing[0]).shape[-2] == layers[0].width
+
+
+def test_conv_encoder_errors():
+    with pytest.raises(ConfigError, match="conv_channels"):
+        NetworkConfig(encoder="conv", image_hw=(4, 4), conv_channels=(2, 2))  # 4 - 4 < 1
+    with pytest.raises(ValueError, match="image_hw"):
+        make_network(NetworkConfig(encoder="conv"), 250, 2, nnx.Rngs(0))  # not 10 x 10 x C

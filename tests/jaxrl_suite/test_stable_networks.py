@@ -2,6 +2,8 @@
 oracle of its equations, the skip structure, gradient flow at depth, sizes, and its use as a
 config choice of the agents (PQN, PPO, DQN) with the Kron optimizer."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,24 +119,49 @@ def test_sizes_and_choices():
 NET = NetworkConfig(kind="multiskip_paper", depth=2, width=16, layer_norm=True)
 
 
-@pytest.mark.parametrize("optimizer", ["radam", "kron"])
-def test_pqn_with_multiskip_and_kron(optimizer):
+def _churn_oracle(apply, before, after, obs):
+    """Recompute an agent's logged churn from the two parameter sets (numpy, float64)."""
+    out0, acts0 = apply(before, obs)
+    out1, acts1 = apply(after, obs)
+    f0, f1 = (np.asarray(a["features"], np.float64) for a in (acts0, acts1))
+    return np.asarray(out0, np.float64), np.asarray(out1, np.float64), float(
+        np.mean(np.linalg.norm(f1 - f0, axis=-1)))
+
+
+@pytest.mark.parametrize("optimizer", ["kron"])  # RAdam: the same checks, another ~40 s of CI
+def test_pqn_with_multiskip_conv_and_kron_on_minatar(optimizer):
+    """The conv encoder + multi-skip net on Breakout-MinAtar (10 x 10 x 4 images, flattened by
+    the env): one update at a time, with gradient flow, health (Hessian) and churn logged; the
+    logged churn of update 2 equals its recomputation from the parameters before and after."""
     from jaxrl_suite.agents import pqn
     from jaxrl_suite.envs import make
 
-    env = make("gymnax/CartPole-v1")
-    cfg = pqn.PQNConfig.smoke(network=NET, optimizer=optimizer, grad_diagnostics=True,
-                              health_every=1, hessian_samples=2)
+    env = make("gymnax/Breakout-MinAtar")
+    net = dataclasses.replace(NET, encoder="conv", conv_channels=(4,))
+    cfg = pqn.PQNConfig.smoke(network=net, optimizer=optimizer, grad_diagnostics=True,
+                              health_every=1, hessian_samples=2, churn_samples=8)
     agent = pqn.make_agent(cfg, env)
-    state, m = jax.jit(agent.train_chunk, static_argnums=1)(agent.init(jax.random.key(0)), 2)
-    assert np.isfinite(np.asarray(m["loss"])).all()
-    assert "grad/norm/encoder/dense" in m and "grad/cos/blocks/1/inner/dense" in m
-    cos = np.asarray(m["grad/cos/encoder/dense"])
-    assert np.all(np.abs(cos) <= 1.0 + 1e-5)
-    assert np.isfinite(np.asarray(m["health/q/hessian_trace"])).all()
-    before = agent.init(jax.random.key(0)).params
-    assert not np.allclose(before["encoder"]["dense"]["kernel"],
-                           state.params["encoder"]["dense"]["kernel"])
+    step = jax.jit(agent.train_chunk, static_argnums=1)
+    s0 = agent.init(jax.random.key(0))
+    s1, _ = step(s0, 1)
+    s2, m2 = step(s1, 1)
+    assert np.isfinite(np.asarray(m2["loss"])).all()
+    assert "grad/norm/torso/0/conv" in m2 and "grad/cos/blocks/1/inner/dense" in m2
+    assert np.all(np.abs(np.asarray(m2["grad/cos/encoder/dense"])) <= 1.0 + 1e-5)
+    assert np.isfinite(np.asarray(m2["health/q/hessian_trace"])).all()
+    assert 0 <= float(m2["health/q/dormant/torso/0"][0]) <= 1  # conv channels are neurons
+    assert not np.allclose(s0.params["torso"][0]["conv"]["kernel"],
+                           s2.params["torso"][0]["conv"]["kernel"])
+    # the reference batch: drawn from the first rollout, then fixed
+    np.testing.assert_array_equal(s1.churn_obs, s2.churn_obs)
+    assert s1.churn_obs.shape == (8, env.observation_size) and np.any(s1.churn_obs != 0)
+    apply = lambda p, o: nnx.merge(agent.graphdef, p)(o, return_activations=True)
+    q0, q1, repr_l2 = _churn_oracle(apply, s1.params, s2.params, s2.churn_obs)
+    np.testing.assert_allclose(m2["churn/q"][0], np.mean(np.abs(q1 - q0)), rtol=1e-4)
+    np.testing.assert_allclose(m2["churn/repr_l2"][0], repr_l2, rtol=1e-3,
+                               atol=1e-6)  # float32 features: 1e-6 is rounding
+    np.testing.assert_allclose(m2["churn/greedy_changed"][0],
+                               np.mean(q0.argmax(-1) != q1.argmax(-1)))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "kron"])
@@ -145,11 +172,29 @@ def test_ppo_with_multiskip_and_kron(optimizer):
     env = make("gymnax/CartPole-v1")
     net = NetworkConfig(kind="multiskip_paper", depth=2, width=16, layer_norm=True,
                         kernel_init="orthogonal")
-    cfg = ppo.PPOConfig.smoke(network=net, optimizer=optimizer, grad_diagnostics=True)
+    cfg = ppo.PPOConfig.smoke(network=net, optimizer=optimizer, grad_diagnostics=True,
+                              churn_samples=8)
     agent = ppo.make_agent(cfg, env)
-    state, m = jax.jit(agent.train_chunk, static_argnums=1)(agent.init(jax.random.key(0)), 2)
+    step = jax.jit(agent.train_chunk, static_argnums=1)
+    s1, _ = step(agent.init(jax.random.key(0)), 1)
+    s2, m = step(s1, 1)
     assert np.isfinite(np.asarray(m["loss"])).all()
     assert "grad/norm/actor/encoder/dense" in m and "grad/cos/critic/head" in m
+    # policy and value churn of update 2, recomputed from the parameters around it
+    apply = lambda p, o: nnx.merge(agent.actor_graphdef, p["actor"])(o, return_activations=True)
+    l0, l1, repr_l2 = _churn_oracle(apply, s1.params, s2.params, s2.churn_obs)
+    p0, p1 = (np.exp(l - l.max(-1, keepdims=True)) for l in (l0, l1))
+    p0, p1 = p0 / p0.sum(-1, keepdims=True), p1 / p1.sum(-1, keepdims=True)
+    np.testing.assert_allclose(m["churn/policy_kl"][0],
+                               np.mean(np.sum(p0 * np.log(p0 / p1), -1)), rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(m["churn/policy_tv"][0], np.mean(0.5 * np.abs(p1 - p0).sum(-1)),
+                               rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(m["churn/repr_l2"][0], repr_l2, rtol=1e-3,
+                               atol=1e-6)  # float32 features: 1e-6 is rounding
+    v = lambda p: np.asarray(nnx.merge(agent.critic_graphdef, p["critic"])(s2.churn_obs))[:, 0]
+    np.testing.assert_allclose(m["churn/value"][0], np.mean(np.abs(v(s2.params) - v(s1.params))),
+                               rtol=1e-4)
+    assert float(m["churn/policy_tv"][0]) > 0  # the update moved the policy
 
 
 def test_dqn_with_multiskip_and_kron():
