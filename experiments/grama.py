@@ -46,7 +46,6 @@ from trainkit.run import (
     RunDir,
     final_metrics,
     is_main_process,
-    read_json,
     read_metrics,
     write_json,
 )

@@ -202,8 +202,6 @@ def test_health_report_under_jit(kind):
         sum(float(rep[f"dead/{l.name}"]) * l.width for l in layers) / n)
     # grama_kernel/all: every layer scored by its own kernel gradient, width-weighted (in the
     # plain MLP the same as grama/all; with LayerNorm it reads the kernels, not gamma)
-    from jaxrl_suite.networks import tree_get
-
     kernel_fracs = [np.mean(_np_grama(np.asarray(tree_get(grads, l.kernel))) <= 0.1) for l in layers]
     assert float(rep["grama_kernel/all"]) == pytest.approx(
         sum(f * l.width for f, l in zip(kernel_fracs, layers)) / n, abs=1e-6)
