@@ -264,17 +264,18 @@ def _grid(cfg: GramaConfig):
             for r in cfg.resets]
 
 
-def _series(sub, key):
-    rows = [r for r in read_metrics(sub / "metrics.jsonl") if key in r]
+def _series(rows, key):
+    """``(steps, values [seeds, N])`` of ``key`` over the metrics rows that log it."""
+    rows = [r for r in rows if key in r]
     steps = [r["step"] for r in rows]
     values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])  # [N, seeds]
     return steps, values.T
 
 
-def per_seed_final(sub, key: str, window: int) -> np.ndarray | None:
+def per_seed_final(rows, key: str, window: int) -> np.ndarray | None:
     """``[seeds]``: each seed's mean of ``key`` over the last ``window`` rows that log it
     (NaN rows, chunks without a health report, left out), or None if it was never logged."""
-    steps, values = _series(sub, key)
+    steps, values = _series(rows, key)
     if not steps:
         return None
     with warnings.catch_warnings():  # a seed whose window holds only NaN gives NaN, quietly
@@ -320,6 +321,12 @@ def report(run_dir: RunDir) -> str:
     chunk = cfg.chunk_steps
     window = max(1, (cfg.total_steps // cfg.chunk_steps) // 5)
     figures, rows, diffs = [], [], []
+    logs = {}  # sub-run dir -> its metrics rows, read once
+
+    def log_rows(sub):
+        if sub not in logs:
+            logs[sub] = read_metrics(sub / "metrics.jsonl")
+        return logs[sub]
     for task in cfg.tasks:
         for agent in cfg.agents:
             title = f"{task} ({agent.upper()})"
@@ -333,7 +340,7 @@ def report(run_dir: RunDir) -> str:
                     for reset in cfg.resets:
                         sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
                         if (sub / "metrics.jsonl").exists():
-                            steps, values = _series(sub, key)
+                            steps, values = _series(log_rows(sub), key)
                             if steps:
                                 curves[f"{critic}/{reset}"] = ([s * chunk for s in steps], values)
                 if curves:
@@ -345,9 +352,9 @@ def report(run_dir: RunDir) -> str:
         sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
         if not (sub / "summary.json").exists():
             continue
-        final = {key: per_seed_final(sub, key, window) for key in
-                 ("eval_return", "episode_return", "critic/srank", *(k for k, _ in SCORES))}
-        final["eval_return"] = per_seed_final(sub, "eval_return", 1)
+        final = {key: per_seed_final(log_rows(sub), key, window) for key in
+                 ("episode_return", "critic/srank", *(k for k, _ in SCORES))}
+        final["eval_return"] = per_seed_final(log_rows(sub), "eval_return", 1)  # logged once
         rows.append([task, agent, critic, reset, reset_layers(cfg, critic, reset),
                      _ci(final["eval_return"], 0),
                      _ci(final["episode_return"], 0), *(_ci(final[k]) for k, _ in SCORES),
