@@ -22,10 +22,10 @@ with the seeds vmapped inside it; a resumed run skips
 finished sub-runs and continues the unfinished one from its checkpoint.
 
 Multi-host (``docs/scaling.md``): with several devices and a seed count they divide, the
-seeds are sharded over every device of every process (:func:`seed_sharding`); each process
-then steps the environments, replay buffers and agents of its own seeds (seed ``i`` always
-from key ``split(key(seed), seeds)[i]``, whichever process holds it), so N processes train
-what one process does. A multi-process run needs ``--seeds`` divisible by the device count.
+seeds are sharded over every device of every process
+(:func:`trainkit.sharding.seed_sharding`); each process then steps the environments, replay
+buffers and agents of its own seeds (seed ``i`` always from key ``split(key(seed), seeds)[i]``,
+whichever process holds it), so N processes train what one process does. A multi-process run needs ``--seeds`` divisible by the device count.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.stats import mean_ci
 from trainkit.run import (
     RunDir,
     final_metrics,
@@ -49,6 +48,8 @@ from trainkit.run import (
     read_metrics,
     write_json,
 )
+from trainkit.sharding import seed_sharding
+from trainkit.stats import mean_ci
 
 CRITICS = ("mlp", "mlp-ln", "residual", "residual-ln", "multiskip-ln")
 RESETS = ("none", "redo", "regrama")
@@ -160,23 +161,6 @@ def td3_config(cfg: GramaConfig, critic: str, reset: str):
                      reset=reset, reset_every=cfg.reset_every, reset_tau=cfg.tau)
 
 
-def seed_sharding(seeds: int):
-    """``NamedSharding`` of the leading (seed) axis over all devices of all processes, or None
-    (one device, or a seed count the devices do not divide: the seeds stay on one device)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from trainkit.sharding import make_mesh
-
-    devices = jax.device_count()
-    if devices == 1 or seeds % devices:
-        if jax.process_count() > 1:
-            raise UserError(f"--seeds {seeds}: a run over {jax.process_count()} processes shards "
-                            f"the seeds over its {devices} devices, so --seeds must be a "
-                            f"multiple of {devices}")
-        return None
-    return NamedSharding(make_mesh(data=-1), PartitionSpec("data"))
-
-
 def _name(task: str, critic: str, reset: str, agent: str = "sac") -> str:
     middle = "" if agent == "sac" else f"{agent}--"  # SAC runs keep their original names
     return f"{task.replace('/', '_')}--{middle}{critic}--{reset}"
@@ -202,7 +186,10 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
     chunks = cfg.total_steps // cfg.chunk_steps
     finals, params = {}, {}
     builders = {"sac": (sac_config, sac.make_agent), "td3": (td3_config, td3.make_agent)}
-    sharding = seed_sharding(ctx.seeds)
+    try:
+        sharding = seed_sharding(ctx.seeds)
+    except ValueError as err:  # --seeds not a multiple of the devices of a multi-process run
+        raise UserError(str(err)) from None
     on_seeds = {} if sharding is None else {"out_shardings": sharding}
     for task, agent_name, critic, reset in _grid(cfg):
         name = _name(task, critic, reset, agent_name)

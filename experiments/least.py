@@ -14,6 +14,11 @@ fraction of training episodes stopped and a histogram of the step at which they 
 stopped, the replay-buffer composition (share of collected transitions that belong to
 stopped episodes), and the environment steps each seed needed to reach a return threshold
 with and without LEAST, with a plain verdict on the paper's sample-efficiency claim.
+
+Multi-host (``docs/scaling.md``): as in grama, the seeds are sharded over every device of
+every process (:func:`trainkit.sharding.seed_sharding`; ``--seeds`` a multiple of the device
+count), each process steps its own seeds' environments, buffers, agents and LEAST memories,
+the evaluation returns and LEAST's counters are gathered, and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, read_json, read_metrics, write_json
+from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
+from trainkit.sharding import seed_sharding, to_host
 
 AGENTS = ("sac", "td3")
 VARIANTS = ("off", "on")
@@ -179,21 +185,31 @@ def run(cfg: LeastExperimentConfig, ctx: RunContext) -> RunResult:
         raise UserError("config field 'k_max': must be >= 1")
     envs = {task: make_env(cfg, task) for task in cfg.tasks}
     chunks = cfg.total_steps // cfg.chunk_steps
+    try:
+        sharding = seed_sharding(ctx.seeds)
+    except ValueError as err:  # --seeds not a multiple of the devices of a multi-process run
+        raise UserError(str(err)) from None
+    on_seeds = {} if sharding is None else {"out_shardings": sharding}
     metrics, params = {}, {}
     for task, agent_name, variant in _grid(cfg):
         name = _name(task, agent_name, variant)
         sub = RunDir(ctx.run_dir.path / "configs" / name)
         agent = build_agent(cfg, envs[task], agent_name, variant)
-        write_json(sub.config_path, {"agent": dataclasses.asdict(agent.config),
-                                     "least": dataclasses.asdict(least_config(cfg))
-                                     if variant == "on" else None})
-        keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
-        state = jax.jit(jax.vmap(agent.init))(keys)
+        if is_main_process():  # process 0 writes the run's files
+            write_json(sub.config_path, {"agent": dataclasses.asdict(agent.config),
+                                         "least": dataclasses.asdict(least_config(cfg))
+                                         if variant == "on" else None})
+        # keys made inside the jit (a multi-process jit takes no host-local inputs); with
+        # several devices each seed's state lives on the device that steps it
+        state = jax.jit(lambda agent=agent: jax.vmap(agent.init)(
+            jax.random.split(jax.random.key(cfg.seed), ctx.seeds)), **on_seeds)()
         one_chunk = jax.vmap(agent.train_chunk)
 
         @jax.jit
         def chunk_fn(state, one_chunk=one_chunk):
             state, m = one_chunk(state)
+            if sharding is not None:  # keep every seed on the device that holds it
+                state = jax.lax.with_sharding_constraint(state, sharding)
             return state, {k: m[k] for k in LOGGED if k in m}
 
         def chunk(state, n, chunk_fn=chunk_fn):
@@ -203,12 +219,17 @@ def run(cfg: LeastExperimentConfig, ctx: RunContext) -> RunResult:
                 rows.append(jax.block_until_ready(m))
             return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
 
-        eval_fn = jax.jit(jax.vmap(lambda s, k, agent=agent: agent.evaluate(
-            s, k, num_envs=cfg.eval_episodes)))
+        @jax.jit
+        def eval_fn(state, agent=agent):
+            keys = jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds)  # made in the jit
+            return jax.vmap(lambda s, key: agent.evaluate(s, key, num_envs=cfg.eval_episodes))(
+                state, keys)
 
-        def evaluate(state, eval_fn=eval_fn):
-            ev = eval_fn(state, jax.random.split(jax.random.key(cfg.seed + 1), ctx.seeds))
-            return {"eval_return": ev["eval/return"]}
+        last = {}  # the latest evaluation, on every process
+
+        def evaluate(state, eval_fn=eval_fn, last=last):
+            last["eval_return"] = to_host(eval_fn(state)["eval/return"])  # [seeds], gathered
+            return dict(last)
 
         loop = LoopSettings(num_steps=chunks, chunk_size=1, save_every=1,
                             key_metric="episode_return", desc=name, eval_every=1,
@@ -216,16 +237,16 @@ def run(cfg: LeastExperimentConfig, ctx: RunContext) -> RunResult:
         state, logger = fit(sub, state, chunk, loop, resume=ctx.resume, evaluate=evaluate)
         logger.close()
         summary = {"task": task, "agent": agent_name, "variant": variant}
-        if state.early_stop is not None:
-            es = state.early_stop
-            summary.update({
-                "stop_hist": np.asarray(es.stop_hist).sum(axis=0).tolist(),
-                "episodes": np.asarray(es.episodes).tolist(),
-                "stopped": np.asarray(es.stopped).tolist(),
-                "stopped_steps": np.asarray(es.stopped_steps).tolist(),
-                "steps": np.asarray(es.steps).tolist()})
-        write_json(sub.summary_path, summary)
-        final = _series(sub.path, "eval_return")[1][:, -1]
+        if state.early_stop is not None:  # LEAST's counters, gathered on every process
+            es = {k: to_host(getattr(state.early_stop, k))
+                  for k in ("stop_hist", "episodes", "stopped", "stopped_steps", "steps")}
+            es["stop_hist"] = es["stop_hist"].sum(axis=0)  # over seeds
+            summary.update({k: v.tolist() for k, v in es.items()})
+        # the last eval_return row of the log, kept in memory (only process 0 has the log);
+        # a finished sub-run that was resumed evaluates its final state again (same keys)
+        final = (last or evaluate(state))["eval_return"]
+        if is_main_process():
+            write_json(sub.summary_path, summary)
         metrics[f"{name}/eval_return"] = float(np.mean(final))
         params[name] = state.critic
     return RunResult(params=params, metrics=metrics, steps=cfg.total_steps)

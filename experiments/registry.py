@@ -61,10 +61,11 @@ REGISTRY: dict[str, Entry] = {
     "stable_gradients": Entry("experiments.stable_gradients", "rl",
                               "stable gradients at scale: multi-skip residual MLP + LayerNorm + "
                               "Kron (PSGD) vs plain MLP, PQN return vs network size on MinAtar "
-                              "and a non-stationary supervised control (arXiv 2506.15544)"),
+                              "and a non-stationary supervised control (arXiv 2506.15544)",
+                              multihost=True),
     "least": Entry("experiments.least", "rl",
                    "LEAST: SAC and TD3 with and without learned early stopping of unproductive "
-                   "episodes on MuJoCo (brax) and DMC tasks (arXiv 2506.13672)"),
+                   "episodes on MuJoCo (brax) and DMC tasks (arXiv 2506.13672)", multihost=True),
     "cot_sft": Entry("experiments.cot_sft", "llm",
                      "CoT-trace SFT: human, teacher-correct/wrong, paraphrased and graded-flaw "
                      "traces at equal token budgets (Shape of Thought, arXiv 2512.22255)"),

@@ -35,6 +35,11 @@ Two parts, each a set of sub-runs with the seeds vmapped inside one program:
 The report's main plot, per agent, is the final training return against network size per
 variant (mean and 95% CI over seeds); the second is the per-layer gradient norm of the largest
 size.
+
+Multi-host (``docs/scaling.md``): the seeds of every sub-run and of the control are sharded
+over every device of every process (:func:`trainkit.sharding.seed_sharding`; ``--seeds`` a
+multiple of the device count); the per-update metrics are gathered and process 0 writes the
+files.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, read_json, read_metrics, write_json
+from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
+from trainkit.sharding import seed_sharding, to_host
 
 VARIANTS = ("mlp", "multiskip", "multiskip_kron")
 AGENTS = ("pqn", "ppo")
@@ -275,9 +281,12 @@ def _control_name(variant: str) -> str:
 # --- the supervised non-stationary control ----------------------------------------------------
 
 
-def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int):
+def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int,
+                          sharding=None):
     """Train one variant on the redrawn-labels task; returns ``{metric: [seeds, phases]}`` at
-    the end of every phase (training loss and accuracy on all samples, gradient norms)."""
+    the end of every phase (training loss and accuracy on all samples, gradient norms),
+    numpy, on every process. ``sharding`` (:func:`trainkit.sharding.seed_sharding`) places
+    the seeds over the devices of every process."""
     import optax
     from flax import nnx
     from sklearn.datasets import load_digits
@@ -327,9 +336,11 @@ def control_phase_results(cfg: StableGradientsConfig, variant: str, seeds: int):
                               jax.random.split(k_run, cfg.control_phases))
         return out
 
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 1), seeds)
-    out = jax.jit(jax.vmap(one_seed))(keys)
-    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+    # keys made inside the jit: a multi-process jit takes no host-local inputs
+    out = jax.jit(lambda: jax.vmap(one_seed)(jax.random.split(
+        jax.random.fold_in(jax.random.key(cfg.seed), 1), seeds)),
+        **({} if sharding is None else {"out_shardings": sharding}))()
+    return {k: to_host(v).astype(np.float64) for k, v in out.items()}
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -344,6 +355,15 @@ def _logged(key: str) -> bool:
                  "/grad_norm/global"))))
 
 
+def _on_main(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (a decision that rests on process 0's files)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def _finite_mean(x, axis):
     x = np.asarray(x, np.float64)
     with np.errstate(all="ignore"):
@@ -354,15 +374,24 @@ def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
     from jaxrl_suite.agents import ppo, pqn
     from jaxrl_suite.envs import make
 
+    try:
+        sharding = seed_sharding(ctx.seeds)
+    except ValueError as err:  # --seeds not a multiple of the devices of a multi-process run
+        raise UserError(str(err)) from None
     final, params_out = {}, {}
     if cfg.control:
         for variant in cfg.control_variants:
             sub = RunDir(ctx.run_dir.path / "configs" / _control_name(variant))
             path = sub.path / "phases.json"
-            if ctx.resume and path.exists():
+            # process 0's files decide (the others may not see them), the same on every process
+            if _on_main(ctx.resume and path.exists()):
+                if not is_main_process():
+                    continue  # the metrics are process 0's to write
                 res = {k: np.asarray(v) for k, v in read_json(path).items()}
             else:
-                res = control_phase_results(cfg, variant, ctx.seeds)
+                res = control_phase_results(cfg, variant, ctx.seeds, sharding)
+                if not is_main_process():
+                    continue
                 sub.path.mkdir(parents=True, exist_ok=True)
                 write_json(path, {k: v.tolist() for k, v in res.items()})
             final[f"control--{variant}/last_phase_accuracy"] = float(
@@ -388,30 +417,39 @@ def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
                     name = _rl_name(agent_name, variant, width, blocks)
                     settings = agent_config(cfg, agent_name, variant, width, blocks)
                     agent = modules[agent_name].make_agent(settings, env)
-                    state = _train_sub_run(cfg, ctx, agent_name, name, settings, agent)
-                    summary = _rl_summary(RunDir(ctx.run_dir.path / "configs" / name))
-                    write_json(RunDir(ctx.run_dir.path / "configs" / name).summary_path,
-                               {"agent": agent_name, "variant": variant, "width": width,
-                                "blocks": blocks, **summary})
-                    final[f"{name}/episode_return"] = float(
-                        np.nanmean(summary["return_per_seed"]))
+                    state = _train_sub_run(cfg, ctx, agent_name, name, settings, agent,
+                                           sharding)
                     params_out[name] = state.params
+                    if is_main_process():  # from the log, which process 0 writes
+                        summary = _rl_summary(RunDir(ctx.run_dir.path / "configs" / name))
+                        write_json(RunDir(ctx.run_dir.path / "configs" / name).summary_path,
+                                   {"agent": agent_name, "variant": variant, "width": width,
+                                    "blocks": blocks, **summary})
+                        final[f"{name}/episode_return"] = float(
+                            np.nanmean(summary["return_per_seed"]))
     steps = cfg.total_timesteps if cfg.rl else cfg.control_phases * cfg.control_steps
     return RunResult(params=params_out, metrics=final, steps=steps)
 
 
 def _train_sub_run(cfg: StableGradientsConfig, ctx: RunContext, agent_name: str, name: str,
-                   settings, agent):
-    """One (agent, variant, size) sub-run, seeds vmapped, through trainkit's loop."""
+                   settings, agent, sharding=None):
+    """One (agent, variant, size) sub-run, seeds vmapped, through trainkit's loop; with a
+    ``sharding`` (:func:`trainkit.sharding.seed_sharding`) each device of each process holds
+    and trains its share of the seeds."""
     sub = RunDir(ctx.run_dir.path / "configs" / name)
-    write_json(sub.config_path, dataclasses.asdict(settings))
-    keys = jax.random.split(jax.random.key(cfg.seed), ctx.seeds)
-    state = jax.jit(jax.vmap(agent.init))(keys)
+    if is_main_process():  # process 0 writes the run's files
+        write_json(sub.config_path, dataclasses.asdict(settings))
+    # keys made inside the jit: a multi-process jit takes no host-local inputs
+    state = jax.jit(lambda: jax.vmap(agent.init)(
+        jax.random.split(jax.random.key(cfg.seed), ctx.seeds)),
+        **({} if sharding is None else {"out_shardings": sharding}))()
     n = cfg.chunk_updates
 
     @jax.jit
     def chunk_fn(state):
         state, m = jax.vmap(lambda s: agent.train_chunk(s, n))(state)
+        if sharding is not None:  # keep every seed on the device that holds it
+            state = jax.lax.with_sharding_constraint(state, sharding)
         # per update: [seeds, n] -> [n, seeds]
         return state, {k: jnp.swapaxes(v, 0, 1) for k, v in m.items() if _logged(k)}
 
@@ -419,7 +457,7 @@ def _train_sub_run(cfg: StableGradientsConfig, ctx: RunContext, agent_name: str,
         # fit aligns chunks to multiples of chunk_size = n: always n updates
         assert num == n, (num, n)
         state, m = chunk_fn(state)
-        return state, jax.tree.map(np.asarray, m)
+        return state, jax.tree.map(to_host, m)  # gathered from every process
 
     total = cfg.num_chunks(agent_name) * n
     loop = LoopSettings(num_steps=total, chunk_size=n, save_every=n,

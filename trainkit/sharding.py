@@ -155,6 +155,25 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
                         batch)
 
 
+def seed_sharding(seeds: int) -> NamedSharding | None:
+    """``NamedSharding`` of a leading (vmapped seed) axis of size ``seeds`` over all devices of
+    all processes, or None (one device, or a seed count the devices do not divide: the seeds
+    stay on one device). Every experiment that vmaps its seeds places them with this, so that
+    with several processes each one trains its own seeds (``docs/scaling.md``).
+
+    Raises ``ValueError`` (the CLI reports it as a one-line error) when several processes
+    share the run and ``seeds`` is not a multiple of the device count: every process would
+    otherwise compute every seed."""
+    devices = jax.device_count()
+    if devices == 1 or seeds % devices:
+        if jax.process_count() > 1:
+            raise ValueError(f"--seeds {seeds}: a run over {jax.process_count()} processes "
+                             f"shards the seeds over its {devices} devices, so --seeds must be "
+                             f"a multiple of {devices}")
+        return None
+    return NamedSharding(make_mesh(data=-1), P("data"))
+
+
 def to_host(x: Any) -> np.ndarray:
     """A numpy copy of an array, also when it spans several processes (gathered)."""
     if not isinstance(x, jax.Array):

@@ -1,6 +1,7 @@
 """Two JAX processes on 127.0.0.1 (jax.distributed, gloo collectives on CPU) give the same
 training result as one process."""
 
+import dataclasses
 import json
 import signal
 import socket
@@ -180,3 +181,91 @@ def test_grama_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_e
     # the 4 seeds are 4 different agents (per-seed keys), not one agent copied
     biggest = max(leaves_a, key=np.size)
     assert not np.allclose(biggest[0], biggest[1])
+
+
+# LEAST on (its hook's memories and counters are part of each seed's state), the smallest
+# budget that still trains: one 64-step chunk of random warm-up, one of updates, evaluated
+# after each; LEAST may stop episodes from step 64 on.
+LEAST = ["run", "least", "--preset", "smoke", "--seeds", "4", "--set", "variants=on",
+         "--set", "total_steps=128", "--set", "chunk_steps=64", "--set", "learning_starts=32",
+         "--set", "batch_size=16", "--set", "warmup_steps=64", "--set", "k_every=32"]
+
+
+def test_least_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_env):
+    """SAC + LEAST, 4 seeds sharded over 2 processes x 2 devices: each process trains its 2
+    seeds; the evaluation returns (gathered to process 0, which alone writes), LEAST's
+    per-seed counters and the critics equal one process with 4 devices, to float tolerance
+    (the same per-seed programs, but bit-equality across process layouts is not promised)."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [start_cli([*LEAST, "--run-dir", str(single)], _env(subprocess_env, 4)),
+             *_start_pair([*LEAST, "--run-dir", str(multi)], subprocess_env)]
+    for proc, err in zip(procs, _wait_all(procs)):
+        assert proc.returncode == 0, err[-3000:]
+    a = json.loads((single / "summary.json").read_text())["final"]
+    b = json.loads((multi / "summary.json").read_text())["final"]
+    assert list(a) == list(b) == ["gymnax_Pendulum-v1--sac--least-on/eval_return"]
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    sub = "configs/gymnax_Pendulum-v1--sac--least-on"
+    sa = json.loads((single / sub / "summary.json").read_text())
+    sb = json.loads((multi / sub / "summary.json").read_text())
+    assert len(sb["episodes"]) == 4 and sb["episodes"] == sa["episodes"]  # one count per seed
+    assert sb["stopped"] == sa["stopped"] and sb["stop_hist"] == sa["stop_hist"]
+    rows_a = [json.loads(x) for x in (single / sub / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (multi / sub / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == [1, 2]  # one row per chunk: process 0 alone writes
+    np.testing.assert_allclose(rows_b[-1]["eval_return"], rows_a[-1]["eval_return"], rtol=1e-5)
+    _, ca = load_numpy(single / sub / "checkpoints")
+    _, cb = load_numpy(multi / sub / "checkpoints")
+    leaves_a, leaves_b = jax.tree.leaves(ca["critic"]), jax.tree.leaves(cb["critic"])
+    assert len(leaves_a) == len(leaves_b) > 0 and leaves_a[0].shape[0] == 4
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    biggest = max(leaves_a, key=np.size)
+    assert not np.allclose(biggest[0], biggest[1])  # 4 different agents, not one copied
+
+
+def test_stable_gradients_seeds_sharded_over_devices_match_unsharded(tmp_path, monkeypatch):
+    """In-process (8 simulated devices): with 8 seeds the PQN sub-run and the control are
+    sharded one seed per device (what each process of a multi-process run does with its
+    share), and train exactly what the same run with every seed on one device trains."""
+    from experiments import stable_gradients as sg
+    from experiments.registry import RunContext
+    from trainkit.config import save_json
+    from trainkit.run import RunDir, read_metrics
+
+    if jax.device_count() != 8:
+        pytest.skip("needs 8 (simulated) devices")
+    # no Hessian probes or churn batch: they only add compile time to the two runs
+    cfg = dataclasses.replace(sg.smoke(), variants=("mlp",), hessian_samples=0, churn_samples=0)
+
+    def run(path):
+        run_dir = RunDir(path)
+        save_json(cfg, run_dir.config_path)
+        return sg.run(cfg, RunContext(run_dir, seeds=8))
+
+    sharded = run(tmp_path / "sharded")
+    monkeypatch.setattr(sg, "seed_sharding", lambda seeds: None)
+    plain = run(tmp_path / "plain")
+    name = "rl--pqn--mlp--w8-b1"
+    for result, devices in ((sharded, 8), (plain, 1)):
+        leaf = max(jax.tree.leaves(result.params[name]), key=np.size)
+        assert leaf.shape[0] == 8 and len(leaf.sharding.device_set) == devices
+    for x, y in zip(jax.tree.leaves(plain.params), jax.tree.leaves(sharded.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    assert sharded.metrics.keys() == plain.metrics.keys()
+    for key in plain.metrics:
+        assert sharded.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-5), key
+    log = f"configs/{name}/metrics.jsonl"  # per update and seed: return, grad norms, health
+    rows_a, rows_b = read_metrics(tmp_path / "plain" / log), read_metrics(tmp_path / "sharded" / log)
+    assert len(rows_a) == len(rows_b) == 2 and rows_a[-1].keys() == rows_b[-1].keys()
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ra:
+            np.testing.assert_allclose(np.asarray(rb[key], np.float64),
+                                       np.asarray(ra[key], np.float64), rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
+    pa = json.loads((tmp_path / "plain/configs/control--mlp/phases.json").read_text())
+    pb = json.loads((tmp_path / "sharded/configs/control--mlp/phases.json").read_text())
+    assert np.asarray(pb["accuracy"]).shape == (8, 2)  # [seeds, phases]
+    for key in pa:
+        np.testing.assert_allclose(pb[key], pa[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import quickstart
 from trainkit.sharding import (DEFAULT_RULES, _fit_spec, batch_sharding, logical_to_mesh, make_mesh,
-                               param_shardings, shard_batch, to_host)
+                               param_shardings, seed_sharding, shard_batch, to_host)
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -75,6 +75,19 @@ def _train(mesh, cfg, seeds=2, chunks=(10, 10, 5)):
         state, metrics = setup.chunk(state, n)
         losses.append(to_host(metrics["loss"]))
     return jax.tree.map(to_host, state.params), np.concatenate(losses)
+
+
+@needs8
+def test_seed_sharding_one_seed_block_per_device_or_refused(monkeypatch):
+    sharding = seed_sharding(16)
+    assert sharding.spec == P("data") and sharding.mesh.size == 8
+    placed = jax.device_put(jnp.arange(16.0), sharding)
+    assert {tuple(s.data.tolist()) for s in placed.addressable_shards} == {
+        (2.0 * i, 2.0 * i + 1) for i in range(8)}  # seeds 2i, 2i+1 on device i
+    assert seed_sharding(12) is None  # 8 devices do not divide 12 seeds: one device, one process
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="--seeds 12: a run over 2 processes .* multiple of 8"):
+        seed_sharding(12)
 
 
 @needs8
