@@ -28,7 +28,6 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from jaxrl_suite import envs  # noqa: E402
 

@@ -219,7 +219,7 @@ def main() -> None:
     print(f"gymnax/{args.env}: {cfg.num_updates} updates x {cfg.batch_size} env steps "
           f"({cfg.num_envs} envs x {cfg.num_steps}), {args.repeats} interleaved repeats, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"| variant | env steps/s (median) | min..max | vs reference | first call s |")
+    print("| variant | env steps/s (median) | min..max | vs reference | first call s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)

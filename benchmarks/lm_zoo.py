@@ -11,11 +11,14 @@ peer timed in the same process (absolute speeds on shared machines drift).
 1. Sampling tokens/s (new tokens only; prompt 32, 64 new tokens, no EOS so every row
    generates the full length): ``llm_rl.sampling.generate`` (jitted; compile time reported
    separately) against ``model.generate`` (``min_new_tokens`` = ``max_new_tokens``), greedy
-   on both sides (the headline) and temperature sampling on both sides. A "what-if" row
-   runs our ``generate`` with the KV cache updated in place (see ``forward_cached_inplace``).
+   on both sides (the headline) and temperature sampling on both sides. A "previous path"
+   row runs our ``generate`` with the cache of the library before 2026-12-06 (sequence-major
+   [L, B, S, K, H], see ``forward_cached_seq_major``) and checks its tokens equal the
+   library's head-major path.
 2. Training tokens/s: one forward + backward + AdamW step on next-token loss, ours (pure
-   jitted step over the params pytree, optax.adamw, buffers donated) against PyTorch
-   (same model, torch.optim.AdamW).
+   jitted step over the params pytree, optax.adamw, buffers donated; plain cross-entropy
+   and ``llm_rl.sft.chunked_token_nll`` over chunks of tokens) against PyTorch (same model,
+   torch.optim.AdamW).
 3. MFU of our training step: ``(6 * N * tokens + 12 * L * heads * head_dim * T * tokens) /
    step_time / peak``, N the parameters that enter matmuls (kernels, and the embedding once
    as the tied output projection), peak the median FLOP/s of a jitted float32 matmul.
@@ -96,14 +99,10 @@ def matmul_params(params) -> int:
 # --- 1. sampling --------------------------------------------------------------------------
 
 
-def forward_cached_inplace(model, ids, positions, key_mask, cache, write_index):
-    """Since 2026-11-25 this *is* ``llm_rl.sampling.forward_cached`` (the change below was
-    adopted there); kept so the table's "what-if" row stays reproducible against old commits.
-
-    ``llm_rl.sampling.forward_cached`` with one change: each layer writes its new keys and
-    values into the [L, B, S, K, H] cache with one ``dynamic_update_slice`` at
-    ``(layer, 0, write_index, 0, 0)`` instead of slicing layer ``i`` out, updating the slice
-    and ``jnp.stack``-ing all layers back (which rebuilds the whole cache every step)."""
+def forward_cached_seq_major(model, ids, positions, key_mask, cache, write_index):
+    """The library's ``forward_cached`` as it was until 2026-12-06: cache [L, B, S, K, H]
+    (slots before heads), updated in place, each layer's slice attended by
+    ``trainkit.nn.layers.dot_product_attention`` (whose dots transpose the cache slice)."""
     import jax
     import jax.numpy as jnp
 
@@ -130,10 +129,20 @@ def forward_cached_inplace(model, ids, positions, key_mask, cache, write_index):
     return logits, KVCache(ck, cv)
 
 
-def make_inplace_generate():
-    """``generate`` whose body calls ``forward_cached_inplace``: ``sampling._generate``'s
-    Python function rebuilt over a copy of the module globals (a new function object, so
-    neither jit's trace cache nor the module is shared or touched)."""
+def init_cache_seq_major(cfg, batch, slots, dtype):
+    import jax.numpy as jnp
+
+    from llm_rl.sampling import KVCache
+
+    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def make_previous_generate():
+    """``generate`` on the previous seq-major cache: ``sampling._generate``'s Python function
+    rebuilt over a copy of the module globals with ``init_cache`` / ``forward_cached``
+    swapped (a new function object, so neither jit's trace cache nor the module is touched).
+    Prompts go in unbucketed (the benchmark's prompt width is a bucket width anyway)."""
     import types
 
     import jax
@@ -142,16 +151,17 @@ def make_inplace_generate():
     from llm_rl import sampling
 
     body = sampling._generate.__wrapped__
-    scope = {**body.__globals__, "forward_cached": forward_cached_inplace}
+    scope = {**body.__globals__, "forward_cached": forward_cached_seq_major,
+             "init_cache": init_cache_seq_major}
     fn = types.FunctionType(body.__code__, scope, body.__name__, body.__defaults__, body.__closure__)
     jitted = jax.jit(fn, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
 
-    def generate_inplace(model, ids, mask, key, *, max_new_tokens, greedy=False, temperature=1.0):
+    def generate_previous(model, ids, mask, key, *, max_new_tokens, greedy=False, temperature=1.0):
         graphdef, params = nnx.split(model)
         return jitted(graphdef, params, ids, mask, key, max_new_tokens, float(temperature),
                       None, None, bool(greedy), (), 0)
 
-    return generate_inplace
+    return generate_previous
 
 
 def bench_sampling(hf, ours, vocab: int, batch: int, prompt_len: int, new: int, repeats: int,
@@ -168,7 +178,7 @@ def bench_sampling(hf, ours, vocab: int, batch: int, prompt_len: int, new: int, 
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
     ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
     key = jax.random.key(0)
-    gen_inplace = make_inplace_generate()
+    gen_previous = make_previous_generate()
 
     def hf_generate(**kw):
         with torch.inference_mode():
@@ -183,8 +193,8 @@ def bench_sampling(hf, ours, vocab: int, batch: int, prompt_len: int, new: int, 
             generate(ours, ids_j, mask_j, key, max_new_tokens=new, temperature=temperature).tokens),
         f"hf T={temperature}": lambda: hf_generate(do_sample=True, temperature=temperature,
                                                   top_k=0, top_p=1.0),
-        "ours greedy, in-place cache (what-if)": lambda: jax.block_until_ready(
-            gen_inplace(ours, ids_j, mask_j, key, max_new_tokens=new, greedy=True).tokens),
+        "ours greedy, previous seq-major cache": lambda: jax.block_until_ready(
+            gen_previous(ours, ids_j, mask_j, key, max_new_tokens=new, greedy=True).tokens),
     }
     first = {}
     for name, fn in fns.items():  # compile (ours) / warm up (hf)
@@ -194,82 +204,43 @@ def bench_sampling(hf, ours, vocab: int, batch: int, prompt_len: int, new: int, 
     rates = median_rates(fns, {n: batch * new for n in fns}, repeats)
     # Sanity: the same greedy tokens (random weights make near-ties, so report agreement).
     ours_tok = np.asarray(generate(ours, ids_j, mask_j, key, max_new_tokens=new, greedy=True).tokens)
-    inpl_tok = np.asarray(gen_inplace(ours, ids_j, mask_j, key, max_new_tokens=new, greedy=True).tokens)
+    prev_tok = np.asarray(gen_previous(ours, ids_j, mask_j, key, max_new_tokens=new, greedy=True).tokens)
     hf_tok = hf_generate(do_sample=False)[:, prompt_len:].numpy()
     compile_s = {n: first[n] - batch * new / rates[n] for n in fns if n.startswith("ours")}
     return dict(rates=rates, compile_s=compile_s, hf_new_tokens=int(hf_tok.shape[1]),
                 greedy_agreement=float((ours_tok == hf_tok).mean()) if hf_tok.shape == ours_tok.shape else 0.0,
-                inplace_equal=bool((ours_tok == inpl_tok).all()))
-
-
-def forward_cached_head_major(model, ids, positions, key_mask, cache, write_index):
-    """``forward_cached_inplace`` with the cache laid out [L, B, K, S, H] (key/value heads
-    before slots), so the attention dots find their batch dims (b, k) leading in the cache
-    and need no transposed copy of it."""
-    import jax
-    import jax.numpy as jnp
-
-    from llm_rl.models.layers import causal_padding_mask
-    from llm_rl.sampling import KVCache
-
-    def attend(q, k, v, mask):  # q [B, T, N, H]; k, v [B, K, S, H]
-        b, t, n, h = q.shape
-        qg = q.reshape(b, t, k.shape[1], n // k.shape[1], h).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        out = jnp.einsum("bkgts,bksh->bkgth", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-    decoder = model.model
-    mask = causal_padding_mask(key_mask, ids.shape[1], write_index)
-    x = decoder.embed_tokens(ids.astype(jnp.int32))
-    ck, cv = cache.k, cache.v
-    zero, w = jnp.zeros((), jnp.int32), jnp.asarray(write_index, jnp.int32)
-    for i, layer in enumerate(decoder.layers):
-        attn = layer.self_attn
-        q, k, v = attn.project(layer.input_layernorm(x), positions)
-        at = (jnp.int32(i), zero, zero, w, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3)[None].astype(ck.dtype), at)
-        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype), at)
-        x = x + attn.o_proj(attend(q, ck[i], cv[i], mask))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    h = decoder.norm(x)
-    logits = (decoder.embed_tokens.attend(h) if model.lm_head is None
-              else model.lm_head(h, out_dtype=jnp.float32))
-    return logits, KVCache(ck, cv)
+                previous_equal=bool((ours_tok == prev_tok).all()))
 
 
 def bench_decode_step(ours, batch: int, slots: int, repeats: int, steps: int = 20) -> dict:
     """ms per jitted single decoding step (one token for ``batch`` rows against a cache of
-    ``slots``), called ``steps`` times per repeat: the library's ``forward_cached``, the
-    in-place and head-major variants, the in-place variant with the attention core replaced
-    by the identity on q (patched while tracing only), and the step's matmuls alone."""
+    ``slots``), called ``steps`` times per repeat: the library's ``forward_cached`` (head-major
+    cache), the previous seq-major one, the library's with the attention core replaced by the
+    identity on q (patched while tracing only), and the step's matmuls alone."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from llm_rl import sampling
-    from llm_rl.models import layers as layers_mod
 
     cfg = ours.config
     graphdef, params = nnx.split(ours)
     key_mask = jnp.ones((batch, slots), jnp.int32)
     tok = jnp.ones((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), slots // 2, jnp.int32)
-    seq_major = sampling.init_cache(cfg, batch, slots, jnp.float32)
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
-    head_major = sampling.KVCache(jnp.zeros(shape), jnp.zeros(shape))
+    seq_major = init_cache_seq_major(cfg, batch, slots, jnp.float32)
+    head_major = sampling.init_cache(cfg, batch, slots, jnp.float32)
 
     def stepper(forward, cache, no_attention=False):
         fn = jax.jit(lambda p, c, w: forward(nnx.merge(graphdef, p), tok, pos, key_mask, c, w))
         state = {"c": cache}
-        original = layers_mod.dot_product_attention
+        original = sampling.attend_cache
         if no_attention:
-            layers_mod.dot_product_attention = lambda q, k, v, mask, scale=None: q
+            sampling.attend_cache = lambda q, k, v, mask: q
         try:
             jax.block_until_ready(fn(params, state["c"], jnp.int32(0)))  # trace + compile
         finally:
-            layers_mod.dot_product_attention = original
+            sampling.attend_cache = original
 
         def run():
             for i in range(steps):
@@ -296,10 +267,9 @@ def bench_decode_step(ours, batch: int, slots: int, repeats: int, steps: int = 2
         jax.block_until_ready(out)
 
     fns = {
-        "library forward_cached (stack of layer caches)": stepper(sampling.forward_cached, seq_major),
-        "in-place cache update": stepper(forward_cached_inplace, seq_major),
-        "in-place + head-major cache [L,B,K,S,H]": stepper(forward_cached_head_major, head_major),
-        "in-place, attention core removed": stepper(forward_cached_inplace, seq_major, no_attention=True),
+        "library forward_cached (head-major [L,B,K,S,H])": stepper(sampling.forward_cached, head_major),
+        "previous seq-major [L,B,S,K,H]": stepper(forward_cached_seq_major, seq_major),
+        "library, attention core removed": stepper(sampling.forward_cached, head_major, no_attention=True),
         "the step's matmuls alone": run_matmuls,
     }
     rates = median_rates(fns, {k: steps for k in fns}, repeats)
@@ -326,7 +296,7 @@ def matmul_peak_fns(n: int) -> tuple[dict, float]:
 
 
 def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int,
-                   peak_n: int = 2048) -> dict:
+                   peak_n: int = 2048, ce_chunk: int = 256) -> dict:
     """Tokens/s of both training steps and, measured in the same interleaved repeats (so the
     machine's load is the same), the matmul peaks; MFU is taken per repeat, then the median."""
     import jax
@@ -335,11 +305,11 @@ def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int
     import torch
     from flax import nnx
 
+    from llm_rl.sft import chunked_token_nll, output_projection
+
     lr, wd = 1e-4, 0.01
     graphdef, params = nnx.split(ours, nnx.Param)
-    params = jax.tree.map(jnp.array, params)  # our own copy: the step donates its buffers
     tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
-    opt_state = tx.init(params)
     rng = np.random.default_rng(7)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     ids_j = jnp.asarray(ids)
@@ -350,27 +320,40 @@ def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean()
 
+    def loss_chunked(p, x):  # the same loss, the vocabulary projection in chunks of tokens
+        m = nnx.merge(graphdef, p)
+        h = m.model(x)[:, :-1]
+        w = jnp.ones(x[:, 1:].shape, jnp.float32)
+        return chunked_token_nll(h, output_projection(m), x[:, 1:], w, ce_chunk) / w.size
+
     @jax.jit
     def first_loss(p, x):
-        return loss_fn(p, x)
+        return loss_fn(p, x), loss_chunked(p, x)
 
-    def step(p, s, x):
-        loss, g = jax.value_and_grad(loss_fn)(p, x)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+    def make_step(loss):
+        def step(p, s, x):
+            value, g = jax.value_and_grad(loss)(p, x)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s, value
+        return jax.jit(step, donate_argnums=(0, 1))
 
-    step_jit = jax.jit(step, donate_argnums=(0, 1))
-    carry = {"p": params, "s": opt_state}
+    steps_jit = {"ours": make_step(loss_fn), "ours chunked CE": make_step(loss_chunked)}
+    carries = {k: {"p": jax.tree.map(jnp.array, params), "s": tx.init(params)} for k in steps_jit}
     hf_model = hf.train()
     opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    losses = {"ours": float(first_loss(params, ids_j))}
+    plain, chunked = first_loss(params, ids_j)
+    losses = {"ours": float(plain), "ours chunked CE": float(chunked)}
     with torch.no_grad():
         losses["torch"] = float(hf_model(input_ids=ids_t, labels=ids_t).loss)
 
-    def run_ours():
-        for _ in range(steps):
-            carry["p"], carry["s"], loss = step_jit(carry["p"], carry["s"], ids_j)
-        jax.block_until_ready(loss)
+    def run_ours(name):
+        carry, step_jit = carries[name], steps_jit[name]
+
+        def run():
+            for _ in range(steps):
+                carry["p"], carry["s"], loss = step_jit(carry["p"], carry["s"], ids_j)
+            jax.block_until_ready(loss)
+        return run
 
     def run_torch():
         for _ in range(steps):
@@ -378,22 +361,27 @@ def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int
             hf_model(input_ids=ids_t, labels=ids_t).loss.backward()
             opt.step()
 
-    start = time.perf_counter()
-    carry["p"], carry["s"], _ = jax.block_until_ready(step_jit(carry["p"], carry["s"], ids_j))
-    compile_s = time.perf_counter() - start
+    compile_s = {}
+    for name, step_jit in steps_jit.items():
+        start = time.perf_counter()
+        c = carries[name]
+        c["p"], c["s"], _ = jax.block_until_ready(step_jit(c["p"], c["s"], ids_j))
+        compile_s[name] = time.perf_counter() - start
     run_torch()
     peak_fns, peak_flops = matmul_peak_fns(peak_n)
-    fns = {"ours": run_ours, "torch": run_torch, **peak_fns}
-    work = {"ours": steps * batch * seq, "torch": steps * batch * seq,
+    fns = {"ours": run_ours("ours"), "ours chunked CE": run_ours("ours chunked CE"), "torch": run_torch,
+           **peak_fns}
+    work = {**{k: steps * batch * seq for k in ("ours", "ours chunked CE", "torch")},
             **{k: peak_flops for k in peak_fns}}
     raw = interleaved_rates(fns, work, repeats)
     hf.eval()
     n = matmul_params(params)
     flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
+    sides = ("ours", "ours chunked CE", "torch")
     mfu = {f"{side} vs {peak}": statistics.median(
         t * flops_per_token / pk for t, pk in zip(raw[side], raw[f"peak {peak}"]))
-        for side in ("ours", "torch") for peak in ("jax", "torch")}
-    return dict(rates={k: statistics.median(v) for k, v in raw.items()}, mfu=mfu,
+        for side in sides for peak in ("jax", "torch")}
+    return dict(rates={k: statistics.median(v) for k, v in raw.items()}, mfu=mfu, sides=sides,
                 compile_s=compile_s, initial_loss=losses, n_matmul=n, flops_per_token=flops_per_token)
 
 
@@ -617,7 +605,7 @@ def main() -> None:
                         f"{'' if c is None else f'{c:.1f}'} |")
                 notes.append(f"{name} batch {batch}: greedy token agreement ours vs hf "
                              f"{r['greedy_agreement']:.3f}, hf generated {r['hf_new_tokens']} tokens/row, "
-                             f"in-place variant tokens identical: {r['inplace_equal']}")
+                             f"previous seq-major path tokens identical: {r['previous_equal']}")
             say()
             for n in notes:
                 say(f"- {n}")
@@ -629,7 +617,7 @@ def main() -> None:
             say()
             say("| decoding step | ms per step | ratio to library |")
             say("|---|---|---|")
-            base = d["library forward_cached (stack of layer caches)"]
+            base = d["library forward_cached (head-major [L,B,K,S,H])"]
             for k, v in d.items():
                 say(f"| {k} | {v:.2f} | {v / base:.2f} |")
             say()
@@ -646,7 +634,7 @@ def main() -> None:
             say()
             say("| side | tokens/s | ratio to torch | step ms | MFU vs jax matmul peak | MFU vs torch matmul peak |")
             say("|---|---|---|---|---|---|")
-            for side in ("ours", "torch"):
+            for side in r["sides"]:
                 rate = r["rates"][side]
                 say(f"| {side} | {rate:.0f} | {rate / r['rates']['torch']:.2f} | {1e3 * tokens / rate:.0f} | "
                     f"{r['mfu'][side + ' vs jax']:.1%} | {r['mfu'][side + ' vs torch']:.1%} |")
@@ -657,15 +645,17 @@ def main() -> None:
             say(f"- Measured float32 matmul peak (2048^3, timed in the same interleaved repeats; median): "
                 f"jax {r['rates']['peak jax'] / 1e9:.1f} GFLOP/s, torch {r['rates']['peak torch'] / 1e9:.1f} "
                 f"GFLOP/s. MFU is the median over repeats of (step FLOP/s / peak of the same repeat).")
-            say(f"- Our step compiles in {r['compile_s']:.1f} s (excluded). Loss before training on the "
-                f"batch: ours {r['initial_loss']['ours']:.5f}, torch {r['initial_loss']['torch']:.5f}.")
+            say(f"- Our steps compile in {r['compile_s']['ours']:.1f} s (plain) and "
+                f"{r['compile_s']['ours chunked CE']:.1f} s (chunked CE, 256 tokens per chunk) (excluded). "
+                f"Loss before training on the batch: ours {r['initial_loss']['ours']:.5f}, chunked "
+                f"{r['initial_loss']['ours chunked CE']:.5f}, torch {r['initial_loss']['torch']:.5f}.")
             say()
 
         if "rl" not in skip:
             iters = 6 if args.quick else 10
             r = bench_rl(iters)
             c, s = r["cfg"], r["settings"]
-            say(f"### One RL iteration (llm_rl.rl.make_iteration; absolute, no peer)")
+            say("### One RL iteration (llm_rl.rl.make_iteration; absolute, no peer)")
             say()
             say(f"Qwen3 hidden {c.hidden_size}, {c.num_hidden_layers} layers, MLP {c.intermediate_size}, "
                 f"heads {c.num_attention_heads}/{c.num_key_value_heads}, head_dim {c.head_dim}, char tokenizer "
@@ -713,7 +703,7 @@ def main() -> None:
         f"(torch interop {torch.get_num_interop_threads()}); device {jax.devices()[0].platform}.")
     if args.results:
         cmd = " ".join(["PYTHONPATH=. .venv/bin/python benchmarks/lm_zoo.py"] + sys.argv[1:])
-        head = [f"## LM zoo vs transformers on PyTorch (sampling, training, MFU, RL iteration, loading memory)",
+        head = ["## LM zoo vs transformers on PyTorch (sampling, training, MFU, RL iteration, loading memory)",
                 "", f"`{cmd}`, {datetime.date.today().isoformat()}, 2-core CPU machine.", ""]
         with open(args.results, "a") as f:
             f.write("\n" + "\n".join(head + lines) + "\n")

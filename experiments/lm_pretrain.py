@@ -95,6 +95,8 @@ class TrainConfig(Config):
     weight_decay: float = field(0.01, ge=0)
     clip_norm: float = field(1.0, gt=0)
     chunk_size: int = field(50, ge=1)
+    ce_chunk: int = field(0, ge=0, help="0: plain cross-entropy; > 0: over the vocabulary in "
+                          "chunks of this many tokens (llm_rl.sft.chunked_token_nll)")
     save_every: int = field(500, ge=1)
     eval_every: int = field(150, ge=1)
     max_new_tokens: int = field(24, ge=1, help="generation budget for evaluation")
@@ -244,8 +246,15 @@ def run(cfg: LMPretrainConfig, ctx: RunContext) -> RunResult:
                             optax.adamw(schedule, weight_decay=t.weight_decay))
 
     def loss_fn(p, b_ids, b_mask, b_loss_mask):
-        logits = nnx.merge(graphdef, p)(b_ids, b_mask)
-        return next_token_loss(logits, b_ids, b_loss_mask)
+        model = nnx.merge(graphdef, p)
+        if t.ce_chunk:  # same value and gradient without the [tokens, vocab] logits
+            from llm_rl.sft import chunked_token_nll, output_projection
+
+            m = b_loss_mask[:, 1:].astype(jnp.float32)
+            nll = chunked_token_nll(model.model(b_ids, b_mask)[:, :-1], output_projection(model),
+                                    b_ids[:, 1:], m, t.ce_chunk)
+            return nll / jnp.maximum(jnp.sum(m), 1.0)
+        return next_token_loss(model(b_ids, b_mask), b_ids, b_loss_mask)
 
     # [steps, batch, seq], batch split over data x fsdp: each process holds its rows.
     batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))

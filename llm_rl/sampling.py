@@ -7,7 +7,20 @@
 Prompts are left-padded (``prompt_mask`` 1 on real tokens), so every row's last prompt token
 sits in the last column and all rows decode in lockstep. Positions count real tokens only
 (``cumsum(mask) - 1``), as in training. The cache holds keys/values for ``P + N`` slots;
-prefill writes the prompt in one pass, then each decoding step writes one slot.
+prefill writes the whole prompt in one call, then each decoding step writes one slot.
+
+KV cache: one array per keys/values of shape [L, B, K, S, H] (layers, batch, key/value heads,
+slots, head dim), head-major so that attention's dots see their batch dims (b, k) leading and
+the contracted head dim last: no transposed copy of the cache is made per step. Each layer
+writes its new keys/values with one ``dynamic_update_slice`` into the whole array, which XLA
+does in place (benchmarks/RESULTS.md measured ~20% per step for in-place and another ~16% for
+head-major over the old slice-and-restack [L, B, S, K, H] cache).
+
+Prompt-length buckets: ``generate`` left-pads the prompt columns (mask 0) to
+``bucket_width(P) = max(16, 2 ** ceil(log2(P)))`` before the jitted call, so all prompt widths
+in (2^(j-1), 2^j] share one compilation (per batch size, ``max_new_tokens`` and setting).
+Padding is invisible to the result: padded slots are masked keys (exact zeros in the
+softmax) and positions count real tokens only. ``bucket=False`` compiles per exact width.
 
 Sampling distribution, per step: logits / temperature, then top-k (keep the k largest), then
 top-p (keep the smallest set of most likely tokens whose probability reaches p); a token is
@@ -22,11 +35,13 @@ itself has mask 1). Decoding stops early once every row has finished.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llm_rl.models.layers import causal_padding_mask, default_positions
@@ -40,36 +55,59 @@ class GenerationOutput(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
     v: jax.Array
 
 
 def init_cache(cfg, batch: int, slots: int, dtype: Any) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    """Zeroed head-major cache [L, B, K, S, H] for ``slots`` positions."""
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def bucket_width(p: int) -> int:
+    """Padded prompt width: ``max(16, 2 ** ceil(log2(p)))`` (see the module docstring)."""
+    return max(16, 1 << max(int(p) - 1, 0).bit_length())
+
+
+def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention of q [B, T, N, H] over one layer's head-major cache k, v
+    [B, K, S, H] with mask [B, T, S]; returns [B, T, N, H]. The same formula as
+    :func:`trainkit.nn.layers.dot_product_attention` (``softmax(q k^T / sqrt(H) + m) v``,
+    float32 scores, masked scores at the float32 minimum); only the small q and output are
+    transposed, never the cache."""
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def forward_cached(model, ids: jax.Array, positions: jax.Array, key_mask: jax.Array,
                    cache: KVCache, write_index: jax.Array) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32) for ``ids`` [B, T] written at cache slots
     ``write_index .. write_index + T - 1``; queries attend to cache slots ``<= their own`` that
-    ``key_mask`` [B, S] marks as real. Same layers as ``model(...)``, so outputs match it."""
+    ``key_mask`` [B, S] marks as real. Same layers as ``model(...)``, so outputs match it.
+    Prefill is this call with the whole prompt (T = P, ``write_index`` 0); a decoding step is
+    T = 1."""
     decoder = model.model
     mask = causal_padding_mask(key_mask, ids.shape[1], write_index)
     x = decoder.embed_tokens(ids.astype(jnp.int32))
-    # Each layer writes its new keys/values into the whole [L, B, S, K, H] cache with one
-    # dynamic_update_slice (XLA updates it in place); slicing layers out and stacking them
-    # back rebuilt the full cache every token (11-37% slower, benchmarks/RESULTS.md).
     ck, cv = cache.k, cache.v
     zero = jnp.zeros((), jnp.int32)
     w = jnp.asarray(write_index, jnp.int32)
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm(x), positions)
-        at = (jnp.int32(i), zero, w, zero, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        x = x + attn.attend(q, ck[i], cv[i], mask)
+        # One in-place update of the whole cache per layer (slicing layers out and stacking
+        # them back rebuilt the full cache every token).
+        at = (jnp.int32(i), zero, zero, w, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3)[None].astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype), at)
+        x = x + attn.o_proj(attend_cache(q, ck[i], cv[i], mask))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     h = decoder.norm(x)
     logits = decoder.embed_tokens.attend(h) if model.lm_head is None else model.lm_head(h, out_dtype=jnp.float32)
@@ -108,22 +146,29 @@ def _check(temperature, top_k, top_p, max_new_tokens):
 def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_ids: Sequence[int] = (),
-             pad_id: int = 0) -> GenerationOutput:
+             pad_id: int = 0, bucket: bool = True) -> GenerationOutput:
     """Sample continuations of left-padded prompts (see the module docstring). ``model`` is a
     :class:`~llm_rl.models.layers.CausalLM`; the work runs in one jitted function of its
-    parameters (compiled once per shape and setting)."""
+    parameters, compiled once per batch size, prompt bucket (:func:`bucket_width`; the exact
+    width with ``bucket=False``), ``max_new_tokens`` and setting."""
     _check(temperature, top_k, top_p, max_new_tokens)
     graphdef, params = nnx.split(model)
-    return _generate(graphdef, params, jnp.asarray(prompt_ids, jnp.int32),
-                     jnp.asarray(prompt_mask, jnp.int32), key, max_new_tokens, float(temperature),
+    # Padded on the host (numpy): an eager jnp.pad would itself compile once per width.
+    prompt_ids = np.asarray(prompt_ids, np.int32)
+    prompt_mask = np.asarray(prompt_mask, np.int32)
+    chex.assert_rank([prompt_ids, prompt_mask], 2)
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    if bucket:
+        extra = ((0, 0), (bucket_width(prompt_ids.shape[1]) - prompt_ids.shape[1], 0))
+        prompt_ids = np.pad(prompt_ids, extra, constant_values=int(pad_id))
+        prompt_mask = np.pad(prompt_mask, extra)
+    return _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, float(temperature),
                      top_k, top_p, bool(greedy), tuple(int(e) for e in eos_ids), int(pad_id))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
 def _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_k,
               top_p, greedy, eos_ids, pad_id) -> GenerationOutput:
-    chex.assert_rank([prompt_ids, prompt_mask], 2)
-    chex.assert_equal_shape([prompt_ids, prompt_mask])
     model = nnx.merge(graphdef, params)
     b, p = prompt_ids.shape
     n = max_new_tokens

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -132,6 +132,12 @@ def pack_documents(docs: Sequence[Document], seq_len: int, *, pad_id: int = 0) -
     return Packed(ids, seg, pos, mask, truncated)
 
 
+def _next_token_weights(input_ids, loss_mask, segment_ids) -> jax.Array:
+    """float32 [B, T-1]: 1 where target ``t+1`` is loss-masked and in the same document as ``t``."""
+    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return ((loss_mask[:, 1:] != 0) & same_doc).astype(jnp.float32)
+
+
 def packed_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
                segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(NLL, count)``: the summed negative log-likelihood of the loss-masked next tokens
@@ -141,10 +147,63 @@ def packed_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
     chex.assert_equal_shape([input_ids, loss_mask, segment_ids])
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    m = (loss_mask[:, 1:] != 0) & same_doc
-    m = m.astype(jnp.float32)
+    m = _next_token_weights(input_ids, loss_mask, segment_ids)
     return -jnp.sum(picked * m), jnp.sum(m)
+
+
+def output_projection(model) -> Callable[[jax.Array], jax.Array]:
+    """``h [B, T, D] -> float32 logits [B, T, V]``: a CausalLM's ``lm_head``, or the tied
+    embedding when it has none (exactly what ``model(...)`` applies after the trunk)."""
+    if model.lm_head is None:
+        return model.model.embed_tokens.attend
+    return lambda h: model.lm_head(h, out_dtype=jnp.float32)
+
+
+def chunked_token_nll(hidden: jax.Array, project: Callable[[jax.Array], jax.Array],
+                      targets: jax.Array, weights: jax.Array, chunk: int) -> jax.Array:
+    """Weighted summed cross-entropy over the vocabulary, computed ``chunk`` tokens at a time,
+
+        NLL = sum_i w_i (logsumexp_v z_{i,v} - z_{i,y_i}),   z_i = project(h_i),
+
+    equal (to float rounding) to ``-sum(w * log_softmax(project(h))[y])`` but without ever
+    holding the [tokens, V] logits: the B*T tokens (zero-padded to a multiple of ``chunk``)
+    run through a ``lax.scan`` whose body is ``jax.checkpoint``-ed, so the forward keeps one
+    scalar per chunk and the backward recomputes one chunk's [chunk, V] logits at a time
+    (the "fused"/"cut" cross-entropy of Liger-Kernel and Wijmans et al. 2024, arXiv
+    2411.09009, done here with remat instead of a custom kernel).
+
+    hidden [B, T, D]; targets, weights [B, T] (weights 0 on positions that do not count)."""
+    chex.assert_rank(hidden, 3)
+    chex.assert_equal_shape([targets, weights])
+    chex.assert_equal_shape_prefix([hidden, targets], 2)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    d = hidden.shape[-1]
+    n = targets.size
+    pad = (-n) % chunk
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(-1, chunk)
+    w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one_chunk(hc, yc, wc):
+        z = project(hc[None])[0].astype(jnp.float32)  # [chunk, V]
+        picked = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
+        return jnp.sum(wc * (jax.nn.logsumexp(z, axis=-1) - picked))
+
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + one_chunk(*xs), None),
+                            jnp.zeros((), jnp.float32), (h, y, w))
+    return total
+
+
+def packed_nll_chunked(model, input_ids: jax.Array, positions: jax.Array, loss_mask: jax.Array,
+                       segment_ids: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`packed_nll` of ``model`` on a packed batch via :func:`chunked_token_nll`: the
+    trunk's hidden states, then the output projection chunk by chunk."""
+    chex.assert_equal_shape([input_ids, loss_mask, segment_ids])
+    h = model.model(input_ids, positions=positions, segment_ids=segment_ids)
+    m = _next_token_weights(input_ids, loss_mask, segment_ids)
+    return chunked_token_nll(h[:, :-1], output_projection(model), input_ids[:, 1:], m, chunk), jnp.sum(m)
 
 
 def sft_loss(logits, input_ids, loss_mask, segment_ids) -> jax.Array:
@@ -228,13 +287,18 @@ def init_state(cfg: SFTConfig, params: Any, total_steps: int) -> SFTState:
                     jnp.zeros((), jnp.int32), jnp.asarray(total_steps, jnp.int32), hp)
 
 
-def make_step(graphdef):
+def make_step(graphdef, ce_chunk: int = 0):
     """``step(state, batch) -> (state, metrics)``: one guarded AdamW update on a packed batch
-    (a dict of [B, T] arrays from :class:`Packed`). Pure; jit it."""
+    (a dict of [B, T] arrays from :class:`Packed`). Pure; jit it. ``ce_chunk > 0`` computes
+    the loss with :func:`packed_nll_chunked` (same value and gradient, no [tokens, V] logits)."""
 
     def loss_fn(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["input_ids"], positions=batch["positions"],
-                                             segment_ids=batch["segment_ids"])
+        model = nnx.merge(graphdef, params)
+        if ce_chunk:
+            nll, count = packed_nll_chunked(model, batch["input_ids"], batch["positions"],
+                                            batch["loss_mask"], batch["segment_ids"], ce_chunk)
+            return nll / jnp.maximum(count, 1.0), count
+        logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         nll, count = packed_nll(logits, batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
         return nll / jnp.maximum(count, 1.0), count
 
