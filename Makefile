@@ -39,14 +39,14 @@ demo: $(VENV)/.installed-base
 # pytest exits 5 when it collects nothing: that must fail, never pass quietly. The slowest
 # tests and the reasons for skips are listed at the end, so a CI log shows where time went.
 # pytest-xdist runs one worker per core (at most 4: each holds a few GB); `PYTEST_ARGS=-n0`
-# runs in one process. The registry-wide kill/resume sweep (`sweep` marker: three smoke runs
-# per experiment) does not fit CI's budget: `make test-sweep` runs it alone.
+# runs in one process. The registry-wide kill/resume sweep is part of it (it shares each
+# experiment's smoke run with that experiment's own tests); `make test-sweep` runs it alone.
 test: $(VENV)/.installed-test
-	@$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal --durations=30 -rs -m "not sweep" $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal --durations=30 -rs $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-sweep: $(VENV)/.installed-test
-	$(PY) -m pytest tests/experiments/test_kill_resume_sweep.py -m sweep -n auto --maxprocesses 4 -rs -v $(PYTEST_ARGS)
+	$(PY) -m pytest tests/experiments/test_kill_resume_sweep.py -n auto --maxprocesses 4 -rs -v $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -981,7 +981,7 @@ def attribute_sentence(attrs: dict) -> str:
     for h in ("kind", "colour"):
         acc, ch = t["accuracy"][h], t["chance"][h]
         parts.append(f"{h} {acc:.2f} (chance {ch:.2f}, {'above' if acc > ch else 'not above'})")
-    txt = (f"Text-to-image on held-out (kind, colour) combinations reads back the requested "
+    txt = ("Text-to-image on held-out (kind, colour) combinations reads back the requested "
            + ", ".join(parts) + f"; both kind and colour right in {t['kind+colour']:.2f} of the "
            f"samples (independent-marginal chance {t['kind+colour_chance']:.3f}).")
     comp = ("Composed samples carry a parent's attribute: "

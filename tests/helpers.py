@@ -1,6 +1,10 @@
 """Helpers shared by tests."""
 
+import dataclasses
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +29,94 @@ def run_cli(args, env, timeout=300, **kw):
 def start_cli(args, env, **kw):
     return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+# --- the smoke run of each experiment, once per test session ------------------------------------
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@dataclasses.dataclass(frozen=True)
+class SmokeSpec:
+    """How the tests run an experiment's smoke preset. ``args`` follow ``run NAME --preset
+    smoke``; ``{name}`` in an arg is the run directory of another experiment's shared smoke run
+    (kl_estimators starts from lm_pretrain's model). ``xla_flags``: runs that are almost all XLA
+    compilation compile several times faster unoptimised (their few steps' speed does not
+    matter)."""
+
+    args: tuple[str, ...] = ()
+    xla_flags: str | None = None
+
+    def env(self) -> dict[str, str]:
+        env = child_env()
+        if self.xla_flags:
+            env["XLA_FLAGS"] = self.xla_flags
+        return env
+
+
+SMOKE = {
+    "asyppo": SmokeSpec(),
+    "bias_shift": SmokeSpec(),
+    "cot_sft": SmokeSpec(),
+    # ~40 programs, the DINO step the largest: optimisation level 1 roughly halves compilation
+    "dlc": SmokeSpec(xla_flags="--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"),
+    "flam": SmokeSpec(),
+    "grama": SmokeSpec(("--seeds", "2", "--set", "critics=mlp", "--set", "resets=none,regrama",
+                        "--set", "agents=sac,td3")),
+    "kl_estimators": SmokeSpec(("--set", "base.model_dir={lm_pretrain}/model",
+                                "--set", "grid.configs=none,k1-reward,k3-both")),
+    "least": SmokeSpec(("--seeds", "2")),
+    "lm_pretrain": SmokeSpec(),
+    "quickstart": SmokeSpec(("--seeds", "2")),
+    "realchords": SmokeSpec(xla_flags=_FAST_COMPILE),  # ~60 programs, a few steps each
+    "stable_gradients": SmokeSpec(("--seeds", "2")),
+}
+
+
+# pytest-timeout for a test that asks for a shared smoke run: besides its own work it may wait
+# for the run another xdist worker is making (the default 600 s timed out on a loaded machine).
+SHARED_RUN_TIMEOUT = 1800
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRun:
+    path: Path  # read-only: a test that changes files works on copy_run(...)
+    stdout: str
+    spec: SmokeSpec
+    args: tuple[str, ...]  # the full CLI args, --run-dir excluded
+
+
+def shared_smoke_run(name: str, tmp_path_factory, timeout: int = 900) -> SharedRun:
+    """``python -m experiments run NAME --preset smoke <SMOKE[name].args>`` run once per test
+    session and shared by every test that asks for it (the experiment's own smoke test and the
+    kill/resume sweep), across pytest-xdist workers: the first caller runs it under a file
+    lock in the session's shared temp dir, the others wait for it and read the result."""
+    spec = SMOKE[name]
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # per-worker basetemp; its parent is the session's
+    shared = root / "shared-smoke-runs"
+    shared.mkdir(exist_ok=True)
+    args = ["run", name, "--preset", "smoke"]
+    for arg in spec.args:
+        if "{" in arg:
+            other = arg[arg.index("{") + 1: arg.index("}")]
+            arg = arg.replace("{" + other + "}", str(shared_smoke_run(other, tmp_path_factory).path))
+        args.append(arg)
+    run_dir = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / f"{name}.json"
+        if not done.exists():
+            res = run_cli([*args, "--run-dir", str(run_dir)], spec.env(), timeout=timeout)
+            done.write_text(json.dumps({"returncode": res.returncode, "stdout": res.stdout,
+                                        "stderr": res.stderr[-5000:]}))
+        result = json.loads(done.read_text())
+    assert result["returncode"] == 0, f"the shared smoke run of {name} failed:\n{result['stderr']}"
+    return SharedRun(run_dir, result["stdout"], spec, tuple(args))
+
+
+def copy_run(run: SharedRun, dest: Path) -> Path:
+    """A private copy of a shared run directory, for tests that resume or edit it."""
+    shutil.copytree(run.path, dest)
+    return dest

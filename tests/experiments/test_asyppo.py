@@ -5,17 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.run import read_metrics
 
 pytest.importorskip("transformers")
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_asyppo_smoke_trains_two_mini_critics_and_reports(tmp_path, subprocess_env):
-    run_dir = tmp_path / "asy"
-    res = run_cli(["run", "asyppo", "--run-dir", str(run_dir)], subprocess_env)
-    assert res.returncode == 0, res.stderr
+def test_asyppo_smoke_trains_two_mini_critics_and_reports(tmp_path_factory):
+    run_dir = shared_smoke_run("asyppo", tmp_path_factory).path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "asyppo-m2/eval_accuracy" in summary["final"]
     rows = read_metrics(run_dir / "configs" / "asyppo-m2-s0" / "metrics.jsonl")

@@ -10,7 +10,7 @@ import pytest
 from experiments import bias_shift as X
 from generative import bias as B
 from generative import datasets
-from tests.helpers import run_cli
+from tests.helpers import copy_run, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -94,12 +94,10 @@ def test_discrepancy_correlation_reads_the_rows():
 # --- end to end (slow) ------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_bias_shift_smoke_end_to_end_and_resume(tmp_path, subprocess_env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "bias_shift", "--preset", "smoke", "--run-dir", str(run_dir)],
-                  subprocess_env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_bias_shift_smoke_end_to_end_and_resume(tmp_path, tmp_path_factory, subprocess_env):
+    run_dir = copy_run(shared_smoke_run("bias_shift", tmp_path_factory), tmp_path / "run")
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
     for a in ("circle", "striped", "large", "warm", "bright"):

@@ -4,16 +4,15 @@ import json
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, shared_smoke_run
 
 pytest.importorskip("transformers")
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_cot_sft_smoke_trains_every_trace_set_and_reports(tmp_path, subprocess_env):
-    run_dir = tmp_path / "cot"
-    res = run_cli(["run", "cot_sft", "--preset", "smoke", "--run-dir", str(run_dir)], subprocess_env)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_cot_sft_smoke_trains_every_trace_set_and_reports(tmp_path_factory):
+    run_dir = shared_smoke_run("cot_sft", tmp_path_factory).path
     results = json.loads((run_dir / "results.json").read_text())
     sets = ("H", "G", "W", "P", "F2", "F4")
     assert set(results["sets"]) == set(sets)

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import dlc as D
 from generative import dlc, evaluation as ev
-from tests.helpers import run_cli
+from tests.helpers import copy_run, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -158,22 +158,13 @@ def test_stages_save_load_and_resume_only_when_asked(tmp_path):
 # --- end to end (slow) ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(subprocess_env):
-    out = dict(subprocess_env)
-    # The smoke run is almost all XLA compilation (~40 programs, the DINO step the largest);
-    # optimisation level 1 roughly halves it.
-    out["XLA_FLAGS"] = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
-    return out
-
-
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "dlc", "--preset", "smoke", "--run-dir", str(run_dir)], env)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, tmp_path_factory):
+    shared = shared_smoke_run("dlc", tmp_path_factory)
+    run_dir, env = copy_run(shared, tmp_path / "run"), shared.spec.env()
     for stage in D.STAGES:
-        assert f"dlc: stage {stage}: " in res.stdout and "skipped" not in res.stdout
+        assert f"dlc: stage {stage}: " in shared.stdout and "skipped" not in shared.stdout
     report = (run_dir / "report.md").read_text()
     for title in D.SET_TITLES.values():
         if "(d)" not in title and "(e)" not in title:

@@ -14,7 +14,7 @@ import pytest
 from audio import metrics as am
 from audio import sed
 from experiments import flam as F
-from tests.helpers import run_cli
+from tests.helpers import copy_run, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.config import ConfigError, apply_overrides
 
 
@@ -202,11 +202,10 @@ def test_config_cross_checks_name_the_field():
 # --- end to end (slow) ----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_flam_smoke_end_to_end_and_resume(tmp_path, subprocess_env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "flam", "--preset", "smoke", "--run-dir", str(run_dir)], subprocess_env)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_flam_smoke_end_to_end_and_resume(tmp_path, tmp_path_factory, subprocess_env):
+    run_dir = copy_run(shared_smoke_run("flam", tmp_path_factory), tmp_path / "run")
     report = (run_dir / "report.md").read_text()
     models = F.smoke().models
     scorers = {ks: label for ks, label in F.SCORERS.items() if ks[0] in models}

@@ -8,19 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--preset", "smoke", "--seeds", "2", "--set", "critics=mlp", "--set", "resets=none,regrama",
-        "--set", "agents=sac,td3"]
 
-
-def test_grama_smoke_logs_health_and_resets(tmp_path, subprocess_env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "grama", *ARGS, "--run-dir", str(run_dir)], subprocess_env)
-    assert res.returncode == 0, res.stderr
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_grama_smoke_logs_health_and_resets(tmp_path_factory):
+    run_dir = shared_smoke_run("grama", tmp_path_factory).path  # 2 seeds, mlp, none/regrama, sac/td3
     configs = run_dir / "configs"
     none = read_metrics(configs / "gymnax_Pendulum-v1--mlp--none" / "metrics.jsonl")
     regrama = read_metrics(configs / "gymnax_Pendulum-v1--mlp--regrama" / "metrics.jsonl")

@@ -2,7 +2,8 @@
 
 For each experiment's ``smoke`` preset, in child processes:
 
-1. an uninterrupted reference run;
+1. the uninterrupted reference: the experiment's shared smoke run (``tests.helpers.SMOKE``,
+   the same run its own smoke test checks, run once per session);
 2. the same run SIGKILLed right after its first checkpoint reaches disk
    (``TRAINKIT_FAULT_KILL_AFTER_SAVES=1``, see trainkit.checkpoint), then ``--resume``: the
    final ``params_sha256`` and metrics must equal the reference's (bitwise: CPU runs are
@@ -10,12 +11,13 @@ For each experiment's ``smoke`` preset, in child processes:
 3. a copy of the killed run directory whose latest checkpoint is truncated: ``--resume``
    must either finish with the reference's result (falling back to an older checkpoint) or
    exit 2 with one line naming the checkpoint; the files already saved stay as they were;
-4. the reference run's metrics.jsonl with a torn last line (a kill mid-write): ``report``
-   still works.
+4. a copy of the reference run with a torn last line in every metrics.jsonl (a kill
+   mid-write): ``report`` still works.
 
-Marked ``sweep`` and left out of ``make test`` (three smoke runs per experiment do not fit
-the 40-minute CI budget on 2 cores); run it with ``make test-sweep``. Its last table is in
-docs/reliability.md.
+The killed and resumed runs load the programs the reference compiled from the session's
+persistent compilation cache (tests/conftest.py), so the sweep costs each experiment about one
+more run of its steps, not three compilations. Registering an experiment without a ``SMOKE``
+entry fails here: every experiment is covered.
 """
 
 import json
@@ -24,9 +26,9 @@ import shutil
 import pytest
 
 from experiments.registry import REGISTRY
-from tests.helpers import child_env, run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, SMOKE, copy_run, run_cli, shared_smoke_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.sweep, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SHARED_RUN_TIMEOUT)]
 
 NAMES = sorted(REGISTRY)
 
@@ -49,15 +51,15 @@ def _latest_checkpoint(run_dir):
     return max(entries, key=newest)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_kill_resume_and_damaged_files(name, tmp_path):
-    env = child_env()
-    smoke = ["run", name, "--preset", "smoke"]
+def test_every_registered_experiment_has_a_smoke_spec():
+    assert sorted(SMOKE) == NAMES, "add the experiment to tests.helpers.SMOKE"
 
-    ref = tmp_path / "ref"
-    res = run_cli([*smoke, "--run-dir", str(ref)], env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ref_hash, ref_final = _summary(ref)
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kill_resume_and_damaged_files(name, tmp_path, tmp_path_factory):
+    ref_run = shared_smoke_run(name, tmp_path_factory)
+    env, smoke = ref_run.spec.env(), list(ref_run.args)
+    ref_hash, ref_final = _summary(ref_run.path)
 
     killed = tmp_path / "killed"
     res = run_cli([*smoke, "--run-dir", str(killed)], dict(env, TRAINKIT_FAULT_KILL_AFTER_SAVES="1"), timeout=900)
@@ -90,8 +92,8 @@ def test_kill_resume_and_damaged_files(name, tmp_path):
         assert str(latest) in lines[0] or latest.name in lines[0], lines[0]
         assert _checkpoint_files(damaged) == before, "a failed resume must not change saved files"
 
-    metrics = ref / "metrics.jsonl"
-    if metrics.exists():
+    ref = copy_run(ref_run, tmp_path / "ref")
+    for metrics in sorted(ref.rglob("metrics.jsonl")):  # none in stage stores (dlc, bias_shift)
         with open(metrics, "a") as fh:
             fh.write('{"step": 99999, "loss": 0.')  # torn: the writer died mid-line
     res = run_cli(["report", str(ref)], env, timeout=900)

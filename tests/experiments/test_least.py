@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import least
-from tests.helpers import run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, shared_smoke_run
 from tests.jaxrl_suite.walk_env import walk_env
 from trainkit.run import read_metrics
 
@@ -31,12 +31,10 @@ def test_threshold_from_the_off_arm_and_steps_after_warmup_by_hand():
     np.testing.assert_array_equal(least.steps_to_threshold(steps, on, 80.0), [1000.0, 1000.0])
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_least_smoke_writes_every_report_section(tmp_path, subprocess_env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "least", "--preset", "smoke", "--seeds", "2", "--run-dir", str(run_dir)],
-                  subprocess_env)
-    assert res.returncode == 0, res.stderr
+def test_least_smoke_writes_every_report_section(tmp_path_factory):
+    run_dir = shared_smoke_run("least", tmp_path_factory).path  # 2 seeds
     configs = run_dir / "configs"
     off = read_metrics(configs / "gymnax_Pendulum-v1--sac--least-off" / "metrics.jsonl")
     on = read_metrics(configs / "gymnax_Pendulum-v1--sac--least-on" / "metrics.jsonl")

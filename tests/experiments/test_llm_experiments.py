@@ -5,26 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import child_env, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    run_dir = tmp_path_factory.mktemp("lm") / "run"
-    res = run_cli(["run", "lm_pretrain", "--run-dir", str(run_dir)], env)
-    assert res.returncode == 0, res.stderr
-    return run_dir, env
-
-
-def test_lm_pretrain_learns_the_answer_format_and_saves_an_hf_model(pretrained):
-    run_dir, _ = pretrained
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_lm_pretrain_learns_the_answer_format_and_saves_an_hf_model(tmp_path_factory):
+    run_dir = shared_smoke_run("lm_pretrain", tmp_path_factory).path
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
@@ -39,13 +29,10 @@ def test_lm_pretrain_learns_the_answer_format_and_saves_an_hf_model(pretrained):
     assert hf.config.model_type == "qwen3"
 
 
-def test_kl_estimators_runs_every_configuration_from_a_base_model(pretrained, tmp_path):
-    base_dir, env = pretrained
-    run_dir = tmp_path / "kl"
-    res = run_cli(["run", "kl_estimators", "--run-dir", str(run_dir),
-                   "--set", f"base.model_dir={base_dir / 'model'}",
-                   "--set", "grid.configs=none,k1-reward,k3-both"], env)
-    assert res.returncode == 0, res.stderr
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_kl_estimators_runs_every_configuration_from_a_base_model(tmp_path_factory):
+    # from lm_pretrain's smoke model, configs none, k1-reward, k3-both (tests.helpers.SMOKE)
+    run_dir = shared_smoke_run("kl_estimators", tmp_path_factory).path
     summary = json.loads((run_dir / "summary.json").read_text())
     for name in ("none", "k1-reward", "k3-both"):
         rows = read_metrics(run_dir / "configs" / f"{name}-s0" / "metrics.jsonl")
@@ -59,9 +46,9 @@ def test_kl_estimators_runs_every_configuration_from_a_base_model(pretrained, tm
     assert "k3-both" in report and (run_dir / "plots" / "kl_k3.png").is_file()
 
 
-def test_kl_estimators_rejects_both_with_stale_rollouts(pretrained, tmp_path):
-    _, env = pretrained
+def test_kl_estimators_rejects_both_with_stale_rollouts(tmp_path):
+    # refused while the config is validated, before any model is loaded or trained
     res = run_cli(["run", "kl_estimators", "--run-dir", str(tmp_path / "x"), "--set", "rl.staleness=2",
-                   "--set", "grid.configs=k3-both"], env)
+                   "--set", "grid.configs=k3-both"], child_env())
     assert res.returncode == 2 and "count the KL score term twice" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

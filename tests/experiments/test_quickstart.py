@@ -1,7 +1,6 @@
 """End-to-end runs of the quickstart through the CLI: training, resume, signals, guards."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import child_env, run_cli, start_cli
+from tests.helpers import child_env, copy_run, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run, start_cli
 from trainkit.run import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -47,10 +46,9 @@ def uninterrupted(tmp_path_factory):
     return ref
 
 
-def test_smoke_run_trains_and_writes_a_complete_run_dir(tmp_path, subprocess_env):
-    run_dir = tmp_path / "run"
-    res = run_cli(["run", "quickstart", "--run-dir", str(run_dir), "--seeds", "2"], subprocess_env)
-    assert res.returncode == 0, res.stderr
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_smoke_run_trains_and_writes_a_complete_run_dir(tmp_path, tmp_path_factory, subprocess_env):
+    run_dir = copy_run(shared_smoke_run("quickstart", tmp_path_factory), tmp_path / "run")  # 2 seeds
     for name in ("config.json", "run.json", "metrics.jsonl", "summary.json", "report.md",
                  "plots/loss.png"):
         assert (run_dir / name).is_file(), name

@@ -6,25 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, shared_smoke_run
 
 pytest.importorskip("music21")
 
 
-@pytest.fixture
-def env(subprocess_env):
-    out = dict(subprocess_env)
-    # The smoke run is almost all XLA compilation (~60 programs); unoptimised CPU code
-    # compiles several times faster (the runs are a few steps: their speed does not matter).
-    out["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    return out
-
-
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
-def test_realchords_smoke_writes_the_report_plots_and_examples(tmp_path, env):
-    run_dir = tmp_path / "rc"
-    res = run_cli(["run", "realchords", "--run-dir", str(run_dir)], env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_realchords_smoke_writes_the_report_plots_and_examples(tmp_path_factory):
+    run_dir = shared_smoke_run("realchords", tmp_path_factory).path
     report = (run_dir / "report.md").read_text()
     for section in ("## Table 1", "## Does RL + distillation beat online MLE?", "## Reward models",
                     "## Adaptation to a mid-song transposition", "## Listening examples"):

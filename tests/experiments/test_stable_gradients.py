@@ -11,19 +11,16 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import child_env, run_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.run import read_metrics
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("stable_gradients") / "run"
-    res = run_cli(["run", "stable_gradients", "--preset", "smoke", "--seeds", "2",
-                   "--run-dir", str(run_dir)], child_env(), timeout=900)  # a loaded machine
-    assert res.returncode == 0, res.stderr
-    return run_dir
+    return shared_smoke_run("stable_gradients", tmp_path_factory).path  # 2 seeds
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
 def test_smoke_sub_runs_log_gradient_flow_health_and_churn(smoke_run):
     configs = smoke_run / "configs"
@@ -46,6 +43,7 @@ def test_smoke_sub_runs_log_gradient_flow_health_and_churn(smoke_run):
     assert "rl--pqn--mlp--w8-b1/episode_return" in summary["final"]
 
 
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
 @pytest.mark.slow
 def test_smoke_report(smoke_run):
     report = (smoke_run / "report.md").read_text()
