@@ -159,7 +159,8 @@ def smoke() -> RealchordsConfig:
 
 
 def cpu() -> RealchordsConfig:
-    """Laptop scale (about 10 minutes per seed on 2 cores): 2-layer 64-wide models, 64-frame
+    """Laptop scale (measured 70-90 minutes per seed, one process per seed, on a shared 2-core
+    machine at load 5-18; docs/realchords_results.md): 2-layer 64-wide models, 64-frame
     (4-bar) crops, all chorales, +-6 transpositions, 100 RL steps per method at lr 3e-4 (the
     paper's 1e-4 is for 1000 steps); run with ``--seeds 3``."""
     return RealchordsConfig(rl=RLConfig(lr=3e-4))
