@@ -149,6 +149,30 @@ def test_lm_pretrain_fsdp_killed_and_resumed_on_two_processes_matches_one(tmp_pa
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
 
 
+def _single_and_pair(args, tmp_path, env):
+    """Run ``args`` as one process with 4 devices and as 2 processes x 2 devices; returns the
+    two run directories (single, multi) after both finished cleanly."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [start_cli([*args, "--run-dir", str(single)], _env(env, 4)),
+             *_start_pair([*args, "--run-dir", str(multi)], env)]
+    for proc, err in zip(procs, _wait_all(procs)):
+        assert proc.returncode == 0, err[-3000:]
+    return single, multi
+
+
+def _assert_seed_critics_match(single_checkpoints, multi_checkpoints, seeds):
+    """The critics of the two layouts' last checkpoints agree to float tolerance, one row per
+    seed, and the seeds are different agents (per-seed keys), not one agent copied."""
+    _, sa = load_numpy(single_checkpoints)
+    _, sb = load_numpy(multi_checkpoints)
+    leaves_a, leaves_b = jax.tree.leaves(sa["critic"]), jax.tree.leaves(sb["critic"])
+    assert len(leaves_a) == len(leaves_b) > 0 and leaves_a[0].shape[0] == seeds
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    biggest = max(leaves_a, key=np.size)
+    assert not np.allclose(biggest[0], biggest[1])
+
+
 # What is under test is where each seed's state lives, not the reset rule: no resets and one
 # health report per chunk keep the three processes' compilation (most of the test's time) small.
 GRAMA = ["run", "grama", "--seeds", "4", "--set", "critics=mlp", "--set", "resets=none",
@@ -160,27 +184,14 @@ def test_grama_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_e
     """SAC, 4 seeds sharded over 2 processes x 2 devices: each process
     steps the environments, buffers and agents of its 2 seeds (keys split from the run's
     seed, whichever process holds them); the result equals one process with 4 devices."""
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    procs = [start_cli([*GRAMA, "--run-dir", str(single)], _env(subprocess_env, 4)),
-             *_start_pair([*GRAMA, "--run-dir", str(multi)], subprocess_env)]
-    for proc, err in zip(procs, _wait_all(procs)):
-        assert proc.returncode == 0, err[-3000:]
+    single, multi = _single_and_pair(GRAMA, tmp_path, subprocess_env)
     a = json.loads((single / "summary.json").read_text())["final"]
     b = json.loads((multi / "summary.json").read_text())["final"]
     assert a.keys() == b.keys() and any("eval_return" in k for k in a)
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5, nan_ok=True), key
     sub = "configs/gymnax_Pendulum-v1--mlp--none/checkpoints"
-    _, sa = load_numpy(single / sub)
-    _, sb = load_numpy(multi / sub)
-    leaves_a, leaves_b = jax.tree.leaves(sa["critic"]), jax.tree.leaves(sb["critic"])
-    assert len(leaves_a) == len(leaves_b) > 0
-    assert leaves_a[0].shape[0] == 4  # one row per seed
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
-    # the 4 seeds are 4 different agents (per-seed keys), not one agent copied
-    biggest = max(leaves_a, key=np.size)
-    assert not np.allclose(biggest[0], biggest[1])
+    _assert_seed_critics_match(single / sub, multi / sub, seeds=4)
 
 
 # LEAST on (its hook's memories and counters are part of each seed's state), the smallest
@@ -196,11 +207,7 @@ def test_least_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_e
     seeds; the evaluation returns (gathered to process 0, which alone writes), LEAST's
     per-seed counters and the critics equal one process with 4 devices, to float tolerance
     (the same per-seed programs, but bit-equality across process layouts is not promised)."""
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    procs = [start_cli([*LEAST, "--run-dir", str(single)], _env(subprocess_env, 4)),
-             *_start_pair([*LEAST, "--run-dir", str(multi)], subprocess_env)]
-    for proc, err in zip(procs, _wait_all(procs)):
-        assert proc.returncode == 0, err[-3000:]
+    single, multi = _single_and_pair(LEAST, tmp_path, subprocess_env)
     a = json.loads((single / "summary.json").read_text())["final"]
     b = json.loads((multi / "summary.json").read_text())["final"]
     assert list(a) == list(b) == ["gymnax_Pendulum-v1--sac--least-on/eval_return"]
@@ -215,14 +222,7 @@ def test_least_seeds_sharded_over_two_processes_match_one(tmp_path, subprocess_e
     rows_b = [json.loads(x) for x in (multi / sub / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == [1, 2]  # one row per chunk: process 0 alone writes
     np.testing.assert_allclose(rows_b[-1]["eval_return"], rows_a[-1]["eval_return"], rtol=1e-5)
-    _, ca = load_numpy(single / sub / "checkpoints")
-    _, cb = load_numpy(multi / sub / "checkpoints")
-    leaves_a, leaves_b = jax.tree.leaves(ca["critic"]), jax.tree.leaves(cb["critic"])
-    assert len(leaves_a) == len(leaves_b) > 0 and leaves_a[0].shape[0] == 4
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
-    biggest = max(leaves_a, key=np.size)
-    assert not np.allclose(biggest[0], biggest[1])  # 4 different agents, not one copied
+    _assert_seed_critics_match(single / sub / "checkpoints", multi / sub / "checkpoints", seeds=4)
 
 
 def test_stable_gradients_seeds_sharded_over_devices_match_unsharded(tmp_path, monkeypatch):
