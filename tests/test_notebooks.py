@@ -78,7 +78,10 @@ def test_notebook_runs(path, tmp_path):
     client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
                             kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    client.execute(env=env)  # raises CellExecutionError naming the cell and its traceback
+    # raises CellExecutionError naming the cell and its traceback. cleanup_kc: shut the kernel
+    # down afterwards (nbclient leaves a kernel it did not create running, holding its memory
+    # until the pytest worker exits)
+    client.execute(env=env, cleanup_kc=True)
     errors = [out for cell in nb.cells if cell.cell_type == "code"
               for out in cell.outputs if out.output_type == "error"]
     assert not errors, errors

@@ -55,12 +55,22 @@ def _to_savable(tree: Any) -> Any:
                         jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
+def _uncommitted(x: Any) -> bool:
+    """A single-process array jit may place freely (made without ``device_put`` to a device).
+    It is restored uncommitted too: a committed argument changes the lowered program, so a
+    resumed run would miss every persistent-cache entry its first run wrote and compile again."""
+    return isinstance(x, jax.Array) and not x.committed
+
+
 def _abstract(tree: Any) -> Any:
     def one(x):
         if _is_empty(x):
             return None
+        uncommitted = _uncommitted(x)
         if _is_key(x):
             x = jax.random.key_data(x)
+        if uncommitted:  # a host placeholder: orbax restores a numpy array (no memory held)
+            return np.broadcast_to(np.zeros((), x.dtype), x.shape)
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         x = np.asarray(x)
@@ -74,6 +84,8 @@ def _from_savable(restored: Any, template: Any) -> Any:
         if _is_empty(tmpl):
             empty = np.zeros(tmpl.shape, tmpl.dtype)
             return jax.device_put(empty, tmpl.sharding) if isinstance(tmpl, jax.Array) else empty
+        if _uncommitted(tmpl):
+            value = jax.device_put(value)  # from host, so uncommitted like the template
         if _is_key(tmpl):
             return jax.random.wrap_key_data(value, impl=jax.random.key_impl(tmpl))
         return value

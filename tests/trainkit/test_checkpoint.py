@@ -56,6 +56,26 @@ def test_zero_size_arrays_round_trip(tmp_path):
                                   jax.random.key_data(state["key"]))
 
 
+def test_restored_arrays_keep_the_templates_placement(tmp_path):
+    """An uncommitted template array (jit may place it) comes back uncommitted, a committed one
+    on its device: a committed argument changes the lowered program, so a resumed run used to
+    miss the persistent compilation cache its first run had filled and compile again."""
+    other = jax.devices()[-1]
+    state = {"free": jnp.arange(3.0), "key": jax.random.key(0),
+             "placed": jax.device_put(jnp.ones(2), other)}
+    assert not state["free"].committed and not state["key"].committed
+    ckpt = Checkpointer(tmp_path / "ck", save_every=1, async_save=False)
+    assert ckpt.save(1, state)
+    ckpt.close()
+    _, restored, _ = Checkpointer(tmp_path / "ck", save_every=1).restore(state)
+    for name in state:
+        assert restored[name].committed == state[name].committed, name
+    assert restored["placed"].devices() == {other}
+    step = jax.jit(lambda s: s["free"] * 2)
+    assert step.lower(restored).as_text() == step.lower(state).as_text(), \
+        "the restored state lowers to another program (a persistent-cache miss)"
+
+
 def test_due_and_keep_last(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck", save_every=10, max_to_keep=2, async_save=False)
     state = _state()
