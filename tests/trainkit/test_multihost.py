@@ -64,7 +64,8 @@ def test_two_processes_match_one(tmp_path, subprocess_env):
 
 
 def _env(base, devices, pid=None, port=None, **extra):
-    env = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env = dict(base, XLA_FLAGS=f"{base.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}".strip(), **extra)
     if pid is not None:
         env.update(TRAINKIT_COORDINATOR=f"127.0.0.1:{port}", TRAINKIT_NUM_PROCESSES="2",
                    TRAINKIT_PROCESS_ID=str(pid))
