@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from llm_rl.models.layers import causal_padding_mask, default_positions
+from trainkit.nn.layers import attend_cache
 
 
 class GenerationOutput(NamedTuple):
@@ -68,22 +69,6 @@ def init_cache(cfg, batch: int, slots: int, dtype: Any) -> KVCache:
 def bucket_width(p: int) -> int:
     """Padded prompt width: ``max(16, 2 ** ceil(log2(p)))`` (see the module docstring)."""
     return max(16, 1 << max(int(p) - 1, 0).bit_length())
-
-
-def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention of q [B, T, N, H] over one layer's head-major cache k, v
-    [B, K, S, H] with mask [B, T, S]; returns [B, T, N, H]. The same formula as
-    :func:`trainkit.nn.layers.dot_product_attention` (``softmax(q k^T / sqrt(H) + m) v``,
-    float32 scores, masked scores at the float32 minimum); only the small q and output are
-    transposed, never the cache."""
-    b, t, n, h = q.shape
-    kh = k.shape[1]
-    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * h ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def forward_cached(model, ids: jax.Array, positions: jax.Array, key_mask: jax.Array,

@@ -185,14 +185,13 @@ class OnlineDecoder(nnx.Module):
 
     def init_cache(self, batch: int, slots: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
         slots = self.length if slots is None else slots
-        shape = (batch, slots, self.config.num_heads, self.config.head_dim)
-        return [(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.stack.blocks]
+        return [block.init_cache(batch, slots) for block in self.stack.blocks]
 
     def decode(self, ids: jax.Array, cache, index: jax.Array | int):
         """Logits [B, n, V] of ``ids`` [B, n] placed at positions ``index .. index + n - 1``,
         attending to the cached prefix; returns ``(logits, cache)``."""
         n = ids.shape[1]
-        slots = cache[0][0].shape[1]
+        slots = cache[0][0].shape[2]  # head-major [B, N, S, H]
         x = self.stack.inputs(ids, index)
         mask = jnp.broadcast_to(_causal(n, index, slots)[None], (ids.shape[0], n, slots))
         new = []
@@ -256,7 +255,7 @@ class OfflineTeacher(nnx.Module):
 
     def decode(self, ids, cache, index, cross_kv, valid):
         n = ids.shape[1]
-        slots = cache[0][0].shape[1]
+        slots = cache[0][0].shape[2]  # head-major [B, N, S, H]
         x = self.decoder.inputs(ids, index)
         mask = jnp.broadcast_to(_causal(n, index, slots)[None], (ids.shape[0], n, slots))
         mem_mask = jnp.broadcast_to(valid[:, None, :], (ids.shape[0], n, valid.shape[1]))
@@ -267,8 +266,7 @@ class OfflineTeacher(nnx.Module):
         return self.decoder.embed.attend(self.decoder.norm(x)), new
 
     def init_cache(self, batch: int):
-        shape = (batch, self.config.max_frames + 1, self.config.num_heads, self.config.head_dim)
-        return [(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.decoder.blocks]
+        return [block.init_cache(batch, self.config.max_frames + 1) for block in self.decoder.blocks]
 
 
 def teacher_inputs(chords: jax.Array, *, bos: int) -> jax.Array:
