@@ -229,9 +229,10 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
                             max_nonfinite=chunks + 1)
         state, logger = fit(sub, state, chunk, loop, resume=ctx.resume, evaluate=evaluate)
         logger.close()
-        rows = sub.read_metrics()
-        final = final_metrics(rows, window=max(1, chunks // 5))
+        # only process 0 writes (and so can read) the log: on a pod each host has its own disk
+        final = {}
         if is_main_process():
+            final = final_metrics(sub.read_metrics(), window=max(1, chunks // 5))
             write_json(sub.summary_path, {"task": task, "agent": agent_name, "critic": critic,
                                           "reset": reset, "final": final})
         finals[name] = final
