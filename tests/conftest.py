@@ -15,7 +15,7 @@ _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.ge
 # changes how XLA fuses, not what a program computes: every comparison in a test is within one
 # process and one set of flags, or to a tolerance. `make demo` and the notebooks run XLA's
 # defaults; TRAINKIT_TEST_XLA_DEFAULT=1 runs the tests with them too.
-if not os.environ.get("TRAINKIT_TEST_XLA_DEFAULT") and "--xla_backend_optimization_level" not in _flags:
+if "--xla_backend_optimization_level" not in _flags:
     _flags = f"{_flags} {FAST_COMPILE}"
 os.environ["XLA_FLAGS"] = f"{_flags.strip()} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -109,6 +109,13 @@ class LayerNorm(nnx.Module):
                 + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def _masked_softmax(scores: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
+    """Softmax over keys of float32 scores [B, K, G, T, S]; keys where ``mask`` [B, T, S] is
+    False get the float32 minimum (a row with no visible key averages instead of NaN)."""
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float | None = None) -> jax.Array:
     """Grouped-query attention ``softmax(q k^T * scale + m) v``.
@@ -126,9 +133,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     scale = h ** -0.5 if scale is None else scale
     qg = q.reshape(b, t, kh, n // kh, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bskh->btkgh", _masked_softmax(scores, mask, v.dtype), v)
     return out.reshape(b, t, n, h)
 
 
@@ -148,9 +153,7 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     scale = h ** -0.5 if scale is None else scale
     qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    out = jnp.einsum("bkgts,bksh->bkgth", _masked_softmax(scores, mask, v.dtype), v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
