@@ -50,7 +50,8 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from llm_rl.sft import SFTConfig
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
-from trainkit.run import RunDir, read_json, write_json
+from trainkit.run import RunDir, is_main_process, read_json, write_json
+from trainkit.sharding import from_main
 
 TRACE_SETS = ("H", "G", "W", "P", "F1", "F2", "F3", "F4")
 STUDENTS = ("small", "large")
@@ -297,19 +298,24 @@ def _new_model(cfg: CotSFTConfig, arch: ArchConfig, tokenizer, seed: int):
 
 
 def _stage(ctx: RunContext, tok, name: str, build, train_cfg, examples, seed: int):
-    """Train (or reload) one model stage into ``run_dir/name/model``."""
+    """Train (or reload) one model stage into ``run_dir/name/model``.
+
+    With several processes a finished stage is not reloaded from ``model/``, which only process
+    0's disk holds: every process resumes :func:`train_sft` from the stage's final checkpoint
+    (checkpoints are on storage every process reaches, docs/scaling.md) and runs no step."""
     from llm_rl.models import from_pretrained, save_pretrained
     from llm_rl.sft import train_sft
 
     sub = RunDir(ctx.run_dir.path / name)
     model_dir = sub.path / "model"
-    if (model_dir / "config.json").is_file() and sub.summary_path.exists():
+    if jax.process_count() == 1 and (model_dir / "config.json").is_file() and sub.summary_path.exists():
         return from_pretrained(model_dir)[0]
     model, mcfg = build()
     model, info = train_sft(model, tok, examples, train_cfg, sub, seed=seed,
                             resume=ctx.resume, desc=name)
-    save_pretrained(model, mcfg, model_dir)
-    write_json(sub.summary_path, {"final": info})
+    if is_main_process() and not sub.summary_path.exists():
+        save_pretrained(model, mcfg, model_dir)
+        write_json(sub.summary_path, {"final": info})
     return model
 
 
@@ -354,7 +360,8 @@ def build_trace_sets(cfg: CotSFTConfig, ctx: RunContext, tok, small_base, teache
         sub = RunDir(ctx.run_dir.path / "paraphraser")
         para, info = train_sft(para, tok, traces.paraphrase_examples(pairs), cfg.paraphraser, sub,
                                seed=cfg.seed, resume=ctx.resume, desc="paraphraser")
-        write_json(sub.summary_path, {"final": info})
+        if is_main_process():
+            write_json(sub.summary_path, {"final": info})
         sets["P"] = traces.paraphrase_traces(para, tok, human, jax.random.key(cfg.seed + 2),
                                              max_new_tokens=g.max_new_tokens)
     for level in (1, 2, 3, 4):
@@ -374,6 +381,11 @@ def run(cfg: CotSFTConfig, ctx: RunContext) -> RunResult:
 
     if ctx.seeds < 1:
         raise UserError("--seeds must be >= 1")
+    stages = {"base": cfg.base, "teacher": cfg.teacher, "paraphraser": cfg.paraphraser, "sft": cfg.sft}
+    uneven = [f"{k}.batch_size={c.batch_size}" for k, c in stages.items() if c.batch_size % jax.device_count()]
+    if jax.process_count() > 1 and uneven:
+        raise UserError(f"{', '.join(uneven)}: with {jax.process_count()} processes every SFT batch "
+                        f"is split over all {jax.device_count()} devices; use a multiple of that")
     m = cfg.models
     tok = load_tokenizer(m.small_dir) if m.small_dir else char_tokenizer()
     pretrain, teacher_pool, train, eval_in, eval_ood = _problems(cfg)
@@ -415,8 +427,9 @@ def run(cfg: CotSFTConfig, ctx: RunContext) -> RunResult:
             for name, traces_ in sets.items():
                 tag = f"{size}-{name}-s{seed}"
                 done = runs_dir / tag / "result.json"
-                if done.exists():
-                    results["runs"][tag] = read_json(done)
+                finished = from_main(read_json(done) if is_main_process() and done.exists() else None)
+                if finished is not None:
+                    results["runs"][tag] = finished
                     continue
                 student = _copy(base)
                 student, info = train_sft(student, tok, [(t.problem.prompt, t.text) for t in traces_],
@@ -425,9 +438,11 @@ def run(cfg: CotSFTConfig, ctx: RunContext) -> RunResult:
                 row = {"size": size, "set": name, "seed": seed, **info,
                        "in": evaluate(student, tok, eval_in, g.eval_max_new_tokens),
                        "ood": evaluate(student, tok, eval_ood, g.eval_max_new_tokens)}
-                write_json(done, row)
+                if is_main_process():
+                    write_json(done, row)
                 results["runs"][tag] = row
-    write_json(ctx.run_dir.path / "results.json", results)
+    if is_main_process():
+        write_json(ctx.run_dir.path / "results.json", results)
     metrics = {}
     for size in bases:
         for name in sets:

@@ -68,7 +68,7 @@ REGISTRY: dict[str, Entry] = {
                    "episodes on MuJoCo (brax) and DMC tasks (arXiv 2506.13672)", multihost=True),
     "cot_sft": Entry("experiments.cot_sft", "llm",
                      "CoT-trace SFT: human, teacher-correct/wrong, paraphrased and graded-flaw "
-                     "traces at equal token budgets (Shape of Thought, arXiv 2512.22255)"),
+                     "traces at equal token budgets (Shape of Thought, arXiv 2512.22255)", multihost=True),
     "realchords": Entry("experiments.realchords", "audio",
                         "ReaLchords: online chord accompaniment by RL with contrastive and "
                         "discriminative rewards and offline-teacher distillation, Bach chorales "

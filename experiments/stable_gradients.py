@@ -55,7 +55,7 @@ from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
-from trainkit.sharding import seed_sharding, to_host
+from trainkit.sharding import from_main, seed_sharding, to_host
 
 VARIANTS = ("mlp", "multiskip", "multiskip_kron")
 AGENTS = ("pqn", "ppo")
@@ -355,15 +355,6 @@ def _logged(key: str) -> bool:
                  "/grad_norm/global"))))
 
 
-def _on_main(flag: bool) -> bool:
-    """Process 0's ``flag`` on every process (a decision that rests on process 0's files)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
-
-
 def _finite_mean(x, axis):
     x = np.asarray(x, np.float64)
     with np.errstate(all="ignore"):
@@ -384,7 +375,7 @@ def run(cfg: StableGradientsConfig, ctx: RunContext) -> RunResult:
             sub = RunDir(ctx.run_dir.path / "configs" / _control_name(variant))
             path = sub.path / "phases.json"
             # process 0's files decide (the others may not see them), the same on every process
-            if _on_main(ctx.resume and path.exists()):
+            if from_main(bool(ctx.resume and path.exists())):
                 if not is_main_process():
                     continue  # the metrics are process 0's to write
                 res = {k: np.asarray(v) for k, v in read_json(path).items()}

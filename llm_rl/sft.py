@@ -27,7 +27,8 @@ Pure functions (no training state):
 
 The loop, :func:`train_sft`, runs jitted AdamW steps (:func:`make_step`) over the packed rows
 under :func:`trainkit.loop.fit`: batches are split over the ``data`` axis of a
-:mod:`trainkit.sharding` mesh (parameters replicated), non-finite steps are skipped by
+:mod:`trainkit.sharding` mesh (parameters replicated; with several processes the mesh spans
+all their devices and each process uploads only its rows), non-finite steps are skipped by
 :func:`trainkit.guards.guarded_update`, checkpoints hold params, optimizer state, guard and
 step, and the rows of step ``s`` are a fixed function of the seed and ``s``, so an interrupted
 run resumed from its checkpoint ends with bitwise the same parameters as one never stopped.
@@ -53,7 +54,14 @@ from trainkit.config import Config, field
 from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, fit
 from trainkit.run import RunDir
-from trainkit.sharding import batch_sharding, make_mesh, replicated
+from trainkit.sharding import (
+    batch_sharding,
+    make_global_batch,
+    make_mesh,
+    process_batch_slice,
+    replicated,
+    to_host,
+)
 
 PLAIN_TEMPLATE = "{prompt}"  # no chat template: the prompt text itself (see the module doc)
 
@@ -345,9 +353,15 @@ def _compiled_step(graphdef, mesh):
 
 
 def default_mesh(batch_size: int):
-    """Every device on the ``data`` axis when their number divides ``batch_size``, else one."""
-    n = jax.device_count() if batch_size % jax.device_count() == 0 else 1
-    return make_mesh(data=n, devices=jax.devices()[:n])
+    """Every device on the ``data`` axis when their number divides ``batch_size``, else one.
+    With several processes every device must take part, so ``batch_size`` must be a multiple
+    of the device count (``ValueError`` otherwise)."""
+    if batch_size % jax.device_count() == 0:
+        return make_mesh(data=jax.device_count())
+    if jax.process_count() > 1:
+        raise ValueError(f"SFT batch size {batch_size} is not a multiple of the "
+                         f"{jax.device_count()} devices of the {jax.process_count()} processes")
+    return make_mesh(data=1, devices=jax.devices()[:1])
 
 
 def train_sft(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTConfig, run_dir: RunDir,
@@ -371,6 +385,7 @@ def train_sft(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTCon
     state = jax.device_put(init_state(cfg, params, num_steps), replicated(mesh))
     step_fn = _compiled_step(graphdef, mesh)
     sharding = batch_sharding(mesh)
+    mine = process_batch_slice(sharding, data["input_ids"].shape[1:])
     seconds = [0.0]
 
     def chunk(state: SFTState, n: int):
@@ -378,7 +393,9 @@ def train_sft(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTCon
         t0 = time.perf_counter()
         rows = []
         for s in range(start, start + n):
-            batch = jax.device_put({k: v[s] for k, v in data.items()}, sharding)
+            # each process uploads only the rows its devices hold (all of them with one process)
+            batch = make_global_batch({k: v[s, mine] for k, v in data.items()}, sharding,
+                                      {k: v.shape[1:] for k, v in data.items()})
             state, metrics = step_fn(state, batch)
             rows.append(metrics)
         rows = jax.device_get(rows)
@@ -394,7 +411,7 @@ def train_sft(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTCon
                             max_nonfinite=cfg.max_nonfinite)
     state, logger = fit(run_dir, state, chunk, settings, resume=resume)
     logger.close()
-    nnx.update(model, jax.device_get(state.params))
+    nnx.update(model, jax.tree.map(to_host, state.params))  # a local copy on every process
     tokens = completion_tokens(packed)
     info = {"steps": num_steps, "steps_done": int(state.step), "documents": len(chosen),
             "completion_tokens": tokens, "truncated": packed.truncated,

@@ -18,6 +18,7 @@ gloo collectives so two processes on 127.0.0.1 behave like two hosts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -268,6 +269,23 @@ def all_gather_equal(x: jnp.ndarray) -> bool:
 
     gathered = multihost_utils.process_allgather(np.asarray(x))
     return bool(np.all(gathered == gathered[0]))
+
+
+def from_main(obj: Any) -> Any:
+    """Process 0's ``obj`` (anything JSON carries) on every process. For a decision or a cached
+    result that rests on process 0's files: on a pod the other workers' disks do not have them,
+    and processes that decide differently would wait for each other forever. With one process,
+    ``obj`` itself; otherwise it goes through JSON on every process alike."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    payload = json.dumps(obj).encode() if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(payload), np.int32)))
+    buffer = np.zeros(size, np.int32)  # int32: a psum of bytes would need a uint8 reduction
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
+    return json.loads(received.tobytes())
 
 
 def process_batch_slice(sharding: NamedSharding, global_shape: Sequence[int],

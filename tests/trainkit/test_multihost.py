@@ -5,6 +5,8 @@ import dataclasses
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -57,6 +59,28 @@ def test_two_processes_match_one(tmp_path, subprocess_env):
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+FROM_MAIN = """
+import json, jax
+from trainkit.sharding import from_main, initialize_distributed
+initialize_distributed()
+pid = jax.process_index()
+mine = {"rows": [1.5, "é", None], "from": pid} if pid == 0 else ["what process 1 holds"]
+print(json.dumps([from_main(mine), from_main(pid == 0), from_main(None), from_main("")]))
+"""
+
+
+def test_from_main_gives_every_process_the_value_of_process_0(subprocess_env):
+    """A decision or a cached result resting on process 0's files reaches every process."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FROM_MAIN], env=_env(subprocess_env, 1, pid, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+        assert json.loads(out.splitlines()[-1]) == [{"rows": [1.5, "é", None], "from": 0}, True, None, ""]
 
 
 # --- 2 processes x 2 simulated devices each vs one process with 4 -----------------------------
@@ -270,3 +294,38 @@ def test_stable_gradients_seeds_sharded_over_devices_match_unsharded(tmp_path, m
     assert np.asarray(pb["accuracy"]).shape == (8, 2)  # [seeds, phases]
     for key in pa:
         np.testing.assert_allclose(pb[key], pa[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# The smoke preset without the paraphraser (its stage is one more train_sft, the same code),
+# with a teacher of 26 steps, not 105: the two layouts sum gradients in different orders, and
+# Adam at lr 1e-2 grows that rounding to 0.02 in the teacher's weights after 105 steps and to
+# 1.1e-5 after 26 (measured), the first enough to change sampled traces. 26 steps are enough
+# for the teacher to write well-formed wrong traces (W: 38 of 96 samples; in-domain accuracy 0).
+COT_SFT = ["run", "cot_sft", "--preset", "smoke", "--set", "trace_sets=H,W",
+           "--set", "teacher.token_budget=15000"]
+
+
+def test_cot_sft_sft_steps_split_over_two_processes_match_one(tmp_path, subprocess_env):
+    """CoT-trace SFT over 2 processes x 2 devices: every SFT batch (base, teacher, students) is
+    split over the 4 devices, each process uploading its rows; generation, grading and the
+    perplexities run on every process from its copy of the parameters; process 0 alone writes.
+    The traces, accuracies, perplexities and student parameters equal one process with 4
+    devices, to float tolerance."""
+    single, multi = _single_and_pair(COT_SFT, tmp_path, subprocess_env)
+    a = json.loads((single / "results.json").read_text())
+    b = json.loads((multi / "results.json").read_text())
+    assert a["sets"] == b["sets"]  # the same teacher traces, graded the same
+    assert a["runs"].keys() == b["runs"].keys() == {"small-H-s0", "small-W-s0"}
+    for tag, row in a["runs"].items():
+        for key in ("in", "ood", "steps", "completion_tokens"):
+            assert b["runs"][tag][key] == pytest.approx(row[key], rel=1e-5), (tag, key)
+    for name, nll in a["nll"]["small"].items():
+        assert b["nll"]["small"][name] == pytest.approx(nll, rel=1e-5), name
+    # (stage, atol): the 3-step students stay within 1e-6; the 26-step teacher within 1e-4
+    for sub, atol in [("teacher", 1e-4)] + [(f"runs/{tag}", 1e-6) for tag in a["runs"]]:
+        _, sa = load_numpy(single / sub / "checkpoints")
+        _, sb = load_numpy(multi / sub / "checkpoints")
+        for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"]), strict=True):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=atol, err_msg=sub)
+    rows = [json.loads(x) for x in (multi / "runs/small-H-s0/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one writer: no duplicates
