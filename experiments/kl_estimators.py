@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -30,7 +31,8 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots, stats
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
+from trainkit.run import RunDir, final_metrics, is_main_process, read_json, read_metrics, write_json
+from trainkit.sharding import from_main, local_replica, make_mesh, replicated
 
 ESTIMATOR_PLACEMENTS = tuple(f"{e}-{p}" for e in ("k1", "k2", "k3") for p in ("reward", "loss", "both"))
 
@@ -192,32 +194,48 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     tokenizer = load_tokenizer(model_dir)
     graphdef, ref_params = nnx.split(ref_model, nnx.Param)
     r = cfg.rl
+    # Several processes: each update's batch is split over every device (sampling is not,
+    # llm_rl.rl.make_iteration); one process keeps the one-device trainer.
+    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
+    rows = r.num_prompts * r.group_size
+    if mesh is not None and rows % jax.device_count():
+        raise UserError(f"rl.num_prompts x rl.group_size = {rows} rows: with {jax.process_count()} "
+                        f"processes each batch is split over all {jax.device_count()} devices; "
+                        "use a multiple of that")
     in_domain, ood = evaluation_problems(cfg, ctx.seeds)
     ood_tokens = r.max_new_tokens + 16 * max(r.ood_max_ops - r.max_ops, 0)  # longer worked solutions
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
 
     def evaluate(state):
-        acc, fmt = greedy_accuracy(graphdef, state.params, tokenizer, in_domain, r.max_new_tokens)
-        ood_acc, _ = greedy_accuracy(graphdef, state.params, tokenizer, ood, ood_tokens)
+        params = local_replica(state.params)  # every process evaluates alone, as one would
+        acc, fmt = greedy_accuracy(graphdef, params, tokenizer, in_domain, r.max_new_tokens)
+        ood_acc, _ = greedy_accuracy(graphdef, params, tokenizer, ood, ood_tokens)
         return {"eval_accuracy": acc, "eval_formatted": fmt, "ood_accuracy": ood_acc}
 
+    def new_state():
+        state = init_state(ref_params, optimizer, r.staleness)
+        return state if mesh is None else jax.device_put(state, replicated(mesh))
+
     base_eval = evaluate(init_state(ref_params, optimizer, 0))
-    write_json(ctx.run_dir.path / "base_eval.json", base_eval)
+    if is_main_process():
+        write_json(ctx.run_dir.path / "base_eval.json", base_eval)
     all_params, finals = {}, {}
     for name in cfg.grid.configs:
         for seed_index in range(ctx.seeds):
             sub = RunDir(ctx.run_dir.path / "configs" / f"{name}-s{seed_index}")
             settings = _settings(cfg, name, cfg.seed + seed_index)
-            write_json(sub.config_path, dataclasses.asdict(settings))  # what this sub-run ran
-            iterate = make_iteration(graphdef, ref_params, optimizer, tokenizer, settings)
-            state = init_state(ref_params, optimizer, r.staleness)
+            if is_main_process():
+                write_json(sub.config_path, dataclasses.asdict(settings))  # what this sub-run ran
+            iterate = make_iteration(graphdef, ref_params, optimizer, tokenizer, settings, mesh=mesh)
             loop = LoopSettings(num_steps=r.iterations, chunk_size=r.chunk_size,
                                 save_every=r.chunk_size, key_metric="reward",
                                 desc=f"{name} seed {seed_index}", eval_every=r.eval_every)
-            state, logger = fit(sub, state, iterate, loop, resume=ctx.resume, evaluate=evaluate)
+            state, logger = fit(sub, new_state(), iterate, loop, resume=ctx.resume, evaluate=evaluate)
             logger.close()
-            final = _final(sub.read_metrics())
-            write_json(sub.summary_path, {"config": name, "seed": seed_index, "final": final})
+            # the log is process 0's (its disk alone has it on a pod)
+            final = from_main(_final(sub.read_metrics()) if is_main_process() else None)
+            if is_main_process():
+                write_json(sub.summary_path, {"config": name, "seed": seed_index, "final": final})
             finals[(name, seed_index)] = final
             all_params[f"{name}-s{seed_index}"] = state.params
     metrics = {}

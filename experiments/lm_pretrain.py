@@ -45,8 +45,10 @@ from trainkit.run import RunDir, final_metrics, is_main_process, read_json, writ
 from trainkit.sharding import (
     BATCH_AXES,
     MeshConfig,
+    from_main,
     make_global_batch,
     make_mesh,
+    mirror_from_main,
     param_shardings,
     process_batch_slice,
     to_host,
@@ -366,7 +368,12 @@ def pretrained_model_dir(model_dir: str | None, pretrain: LMPretrainConfig, ctx:
 
     ``model_dir`` when given (it must hold ``config.json``; the error names ``key``), else
     ``pretrain`` trained here once as the sub-run ``<run dir>/<subdir>`` (resumed with
-    ``ctx.resume``, reused once its summary exists), whose ``model/`` is returned."""
+    ``ctx.resume``, reused once its summary exists), whose ``model/`` is returned.
+
+    Several processes: a given ``model_dir`` must be on every worker. The pretraining runs
+    on every device of every process (a ``pretrain.mesh`` over fewer devices becomes
+    ``data=-1``: data parallel), process 0 writes ``model/`` and the others get a copy of it
+    where their disk lacks it (:func:`trainkit.sharding.mirror_from_main`)."""
     if model_dir:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -374,12 +381,18 @@ def pretrained_model_dir(model_dir: str | None, pretrain: LMPretrainConfig, ctx:
                             "lm_pretrain's model/)")
         return path
     sub = RunDir(ctx.run_dir.path / subdir)
-    if not sub.summary_path.exists():
-        save_json(pretrain, sub.config_path)
+    if not from_main(sub.summary_path.exists()):
+        m = pretrain.mesh
+        if jax.process_count() > 1 and -1 not in (m.data, m.fsdp, m.model) and \
+                m.data * m.fsdp * m.model != jax.device_count():
+            pretrain = dataclasses.replace(pretrain, mesh=MeshConfig(data=-1))
+        if is_main_process():
+            save_json(pretrain, sub.config_path)
         result = run(pretrain, RunContext(sub, 1, ctx.resume))
-        write_json(sub.summary_path, {"final": result.metrics, "steps": result.steps})
-        report(sub)
-    return sub.path / "model"
+        if is_main_process():
+            write_json(sub.summary_path, {"final": result.metrics, "steps": result.steps})
+            report(sub)
+    return mirror_from_main(sub.path / "model")
 
 
 EXPERIMENT = Experiment(

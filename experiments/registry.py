@@ -41,7 +41,7 @@ REGISTRY: dict[str, Entry] = {
                          multihost=True),
     "kl_estimators": Entry("experiments.kl_estimators", "llm",
                            "KL estimators k1/k2/k3 in reward/loss/both for LLM RL, on-policy or "
-                           "asynchronous (Comedy of Estimators, arXiv 2512.21852)"),
+                           "asynchronous (Comedy of Estimators, arXiv 2512.21852)", multihost=True),
     "grama": Entry("experiments.grama", "rl",
                    "GraMa vs ReDo: gradient- vs activation-based neuron inactivity and resets in "
                    "SAC critics (plain, LayerNorm, residual)", multihost=True),

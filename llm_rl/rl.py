@@ -40,6 +40,15 @@ from llm_rl.models import token_logprobs
 from llm_rl.sampling import generate
 from llm_rl.tokenization import encode_prompts
 from trainkit.guards import GuardState, guarded_update, init_guard
+from trainkit.sharding import (
+    BATCH_AXES,
+    batch_sharding,
+    local_replica,
+    make_global_batch,
+    process_batch_slice,
+    replicated,
+    to_host,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +139,46 @@ def rollout(graphdef, behavior_params, tokenizer, settings: "RLSettings", step: 
     return Rollout(sequences, seq_mask, out.logprobs, out.mask, jnp.asarray(rewards), texts)
 
 
-def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation, tokenizer,
-                   settings: RLSettings) -> Callable[[RLState, int], tuple[RLState, dict]]:
-    s = settings
+def rollout_placement(mesh, rows: int) -> Callable[..., tuple]:
+    """``place(*arrays)``: a rollout's [rows, ...] arrays as global arrays split over the
+    batch axes (``data`` x ``fsdp``) of ``mesh``, each process uploading only its rows of the
+    batch it sampled. ``mesh=None``: the arrays as they are (one device). ``ValueError`` when
+    ``rows`` is not a multiple of the mesh's batch devices."""
+    if mesh is None:
+        return lambda *xs: xs
+    sharding = batch_sharding(mesh)
+    parts = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if rows % parts and jax.process_count() == 1:
+        sharding = replicated(mesh)  # one process may keep an uneven batch whole
+    elif rows % parts:
+        raise ValueError(f"a rollout batch of {rows} rows (prompts x group size) cannot be split "
+                         f"over the {parts} data-parallel devices; use a multiple")
+    mine = process_batch_slice(sharding, (rows,))
 
-    @jax.jit
-    def update(state: RLState, sequences, seq_mask, behavior_logp, resp_mask, rewards):
+    def place(*xs):
+        return make_global_batch(tuple(np.asarray(x)[mine] for x in xs), sharding,
+                                 tuple(np.shape(x) for x in xs))
+
+    return place
+
+
+def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation, tokenizer,
+                   settings: RLSettings, *, mesh=None) -> Callable[[RLState, int], tuple[RLState, dict]]:
+    """``iterate(state, n)``, the chunk of :func:`trainkit.loop.fit` (module doc).
+
+    ``mesh`` (several devices or processes): the state (place it with
+    ``jax.device_put(state, replicated(mesh))``) and the reference stay replicated on it and
+    each update's batch is split over its batch axes, so the gradient is reduced over every
+    device of every process. Every process samples and grades the whole batch itself, from its
+    own copy of the behaviour parameters (:func:`trainkit.sharding.local_replica`), exactly as
+    one process would, and uploads only its rows (:func:`rollout_placement`): sampling is not
+    divided. ``None``: one device."""
+    s = settings
+    place = rollout_placement(mesh, s.num_prompts * s.group_size)
+    if mesh is not None:
+        ref_params = jax.device_put(ref_params, replicated(mesh))
+
+    def update(state: RLState, ref_params, sequences, seq_mask, behavior_logp, resp_mask, rewards):
         prompt_len = sequences.shape[1] - resp_mask.shape[1]
         mask = resp_mask.astype(jnp.float32)
         ref_logp = jax.lax.stop_gradient(
@@ -178,14 +221,17 @@ def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation
         stale_params = state.stale[1:] + (state.params,) if stale else ()
         return RLState(params, opt_state, guard, state.step + 1, stale_params), metrics
 
+    update = jax.jit(update) if mesh is None else jax.jit(update, out_shardings=replicated(mesh))
+
     def iterate(state: RLState, n: int) -> tuple[RLState, dict]:
         rows = []
         for _ in range(n):
-            behavior = state.stale[0] if s.staleness > 0 else state.params
+            behavior = local_replica(state.stale[0] if s.staleness > 0 else state.params)
             r = rollout(graphdef, behavior, tokenizer, s, int(state.step))
-            state, metrics = update(state, r.sequences, r.seq_mask, r.behavior_logp, r.resp_mask,
-                                    r.rewards)
-            rows.append(jax.device_get(metrics))
+            state, metrics = update(state, ref_params, *place(r.sequences, r.seq_mask,
+                                                              r.behavior_logp, r.resp_mask,
+                                                              r.rewards))
+            rows.append(jax.tree.map(to_host, metrics))
         return state, {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     return iterate

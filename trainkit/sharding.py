@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -271,6 +272,17 @@ def all_gather_equal(x: jnp.ndarray) -> bool:
     return bool(np.all(gathered == gathered[0]))
 
 
+def _broadcast_bytes(payload: bytes) -> bytes:
+    """Process 0's ``payload`` on every process (the others pass anything, e.g. ``b""``)."""
+    from jax.experimental import multihost_utils
+
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(payload), np.int32)))
+    words = np.zeros(-(-size // 4), np.int32)  # whole bytes summed as int32 words: exact
+    if jax.process_index() == 0:
+        words.view(np.uint8)[:size] = np.frombuffer(payload, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(words), np.int32).tobytes()[:size]
+
+
 def from_main(obj: Any) -> Any:
     """Process 0's ``obj`` (anything JSON carries) on every process. For a decision or a cached
     result that rests on process 0's files: on a pod the other workers' disks do not have them,
@@ -278,14 +290,54 @@ def from_main(obj: Any) -> Any:
     ``obj`` itself; otherwise it goes through JSON on every process alike."""
     if jax.process_count() == 1:
         return obj
+    payload = json.dumps(obj).encode() if jax.process_index() == 0 else b""
+    return json.loads(_broadcast_bytes(payload))
+
+
+def mirror_from_main(directory: str | os.PathLike) -> Path:
+    """Make process 0's ``directory`` (files process 0 alone wrote, e.g. an HF model directory
+    trained in the run) readable on this process at the same path, and return the path.
+
+    Process 0 sends the list of its files with their SHA-256; a process whose copy differs
+    (its own disk, on a pod) receives those files from process 0 and writes them. On one
+    process, or on a disk every process shares, nothing is copied. Meant for small
+    directories: the bytes go through a collective of the whole device set."""
+    import hashlib
+
+    root = Path(directory)
+    if jax.process_count() == 1:
+        return root
     from jax.experimental import multihost_utils
 
-    payload = json.dumps(obj).encode() if jax.process_index() == 0 else b""
-    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(payload), np.int32)))
-    buffer = np.zeros(size, np.int32)  # int32: a psum of bytes would need a uint8 reduction
-    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
-    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
-    return json.loads(received.tobytes())
+    digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
+    manifest = from_main({str(f.relative_to(root)): digest(f) for f in sorted(root.rglob("*"))
+                          if f.is_file()} if jax.process_index() == 0 else None)
+    stale = [rel for rel, sha in manifest.items()
+             if not (root / rel).is_file() or digest(root / rel) != sha]
+    wanted = multihost_utils.process_allgather(np.asarray([len(stale) > 0], np.int32))
+    for rel in manifest if np.any(wanted) else ():
+        data = _broadcast_bytes((root / rel).read_bytes() if jax.process_index() == 0 else b"")
+        if rel in stale:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            tmp = root / (rel + ".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, root / rel)
+    return root
+
+
+def local_replica(tree: Any) -> Any:
+    """This process's own full copy of every array of ``tree``, for work each process does
+    alone on the whole batch (sampling, grading, evaluation) with no collective per step: the
+    array itself when this process holds all of it, its local shard on one device when it is
+    replicated over processes, else the array gathered from every process (numpy)."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return to_host(x)
+
+    return jax.tree.map(one, tree)
 
 
 def process_batch_slice(sharding: NamedSharding, global_shape: Sequence[int],

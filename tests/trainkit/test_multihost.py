@@ -63,24 +63,42 @@ def test_two_processes_match_one(tmp_path, subprocess_env):
 
 FROM_MAIN = """
 import json, jax
-from trainkit.sharding import from_main, initialize_distributed
+from trainkit.sharding import from_main, initialize_distributed, mirror_from_main
 initialize_distributed()
 pid = jax.process_index()
 mine = {"rows": [1.5, "é", None], "from": pid} if pid == 0 else ["what process 1 holds"]
-print(json.dumps([from_main(mine), from_main(pid == 0), from_main(None), from_main("")]))
+values = [from_main(mine), from_main(pid == 0), from_main(None), from_main("")]
+mirror_from_main("model")  # a relative path: each process's own working directory
+print(json.dumps(values))
 """
 
 
-def test_from_main_gives_every_process_the_value_of_process_0(subprocess_env):
-    """A decision or a cached result resting on process 0's files reaches every process."""
+def test_from_main_and_mirror_give_every_process_what_process_0_has(tmp_path, subprocess_env):
+    """A decision or a cached result resting on process 0's files reaches every process, and
+    so does a directory process 0 wrote: each process runs in its own working directory (its
+    own disk, as on a pod), and process 1's missing and outdated files are replaced by process
+    0's, byte for byte; its other files are left alone."""
+    rng = np.random.default_rng(0)
+    files = {"config.json": b'{"a": 1}', "sub/weights.bin": rng.bytes(10_003), "empty": b""}
+    for rel, data in files.items():
+        (tmp_path / "p0" / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "p0" / "model" / rel).write_bytes(data)
+    (tmp_path / "p1" / "model").mkdir(parents=True)
+    (tmp_path / "p1" / "model" / "config.json").write_bytes(b'{"a": 0}')  # outdated
+    (tmp_path / "p1" / "model" / "notes.txt").write_bytes(b"mine")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", FROM_MAIN], env=_env(subprocess_env, 1, pid, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp_path / f"p{pid}", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for pid in range(2)]
     outs = [proc.communicate(timeout=120) for proc in procs]
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-2000:]
         assert json.loads(out.splitlines()[-1]) == [{"rows": [1.5, "é", None], "from": 0}, True, None, ""]
+    for rel, data in files.items():
+        assert (tmp_path / "p1" / "model" / rel).read_bytes() == data, rel
+    assert (tmp_path / "p1" / "model" / "notes.txt").read_bytes() == b"mine"
+    assert not (tmp_path / "p0" / "model" / "notes.txt").exists()
 
 
 # --- 2 processes x 2 simulated devices each vs one process with 4 -----------------------------
@@ -329,3 +347,53 @@ def test_cot_sft_sft_steps_split_over_two_processes_match_one(tmp_path, subproce
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=atol, err_msg=sub)
     rows = [json.loads(x) for x in (multi / "runs/small-H-s0/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one writer: no duplicates
+
+
+# Two configurations of the smoke grid; the base model is pretrained data-parallel over the 4
+# devices in both layouts (what a multi-process run does to a one-device pretrain mesh), so
+# the base models differ only by rounding.
+KL = ["run", "kl_estimators", "--preset", "smoke", "--set", "grid.configs=none,k3-loss",
+      "--set", "base.pretrain.mesh.data=-1"]
+
+
+def _rows(run_dir, name):
+    return [json.loads(x) for x in (run_dir / "configs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kl_estimators_updates_split_over_two_processes_match_one(tmp_path, subprocess_env):
+    """LLM RL over 2 processes x 2 devices: the base model is pretrained data-parallel, process 0
+    writes it and the other reads its copy; every RL update's batch is split over the 4
+    devices (each process samples and grades the whole batch from its copy of the policy and
+    uploads its rows); process 0 alone writes.
+
+    Measured, and why the tolerances are what they are: Adam (eps 1e-8) turns rounding-sized
+    gradients into full steps. With the KL in the loss the first update's gradient is zero
+    analytically (the policy is the reference): exactly 0 on one device, 2.5e-8 on the 4-device
+    mesh, which Adam makes a step, so the two k3-loss runs part after their first update (final
+    KL 0.0045 vs 0.0187). Without a KL term (``none``) every zero gradient is exact in both, and
+    the runs sample the same rewards and lengths at every step, with the KL, gradient norms and
+    losses within 1e-3 relative; a few weights whose gradient is rounding-sized get Adam steps
+    in one layout and not the other."""
+    single, multi = _single_and_pair(KL, tmp_path, subprocess_env)
+    assert json.loads((multi / "base" / "config.json").read_text())["mesh"]["data"] == -1
+    rows_a, rows_b = _rows(single, "none-s0"), _rows(multi, "none-s0")
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == list(range(1, 7))
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb["reward"] == ra["reward"] and rb["response_length"] == ra["response_length"]
+        for key in ("kl_k3", "grad_norm", "loss", "neg_logp_per_token"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-6), (rb["step"], key)
+    for key in ("eval_accuracy", "ood_accuracy", "eval_formatted"):
+        assert rows_b[-1][key] == rows_a[-1][key]
+    _, sa = load_numpy(single / "configs/none-s0/checkpoints")
+    _, sb = load_numpy(multi / "configs/none-s0/checkpoints")
+    for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"]), strict=True):
+        # Adam at lr 1e-4 moves a weight by about lr per update; weights move in the last 4 updates
+        # (gradients at steps 3 and 6, momentum between). A weight stepped in one layout only
+        # differs by a few lr (measured: 3 of 12288 embedding weights differ by more than 1e-4, up
+        # to 1.8e-4); a wrong batch split would move them all.
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=3e-4)
+        assert np.mean(np.abs(np.asarray(y) - np.asarray(x)) > 1e-5) < 1e-3
+    first_a, first_b = _rows(single, "k3-loss-s0")[0], _rows(multi, "k3-loss-s0")[0]
+    assert first_b["reward"] == first_a["reward"] and first_a["grad_norm"] == 0.0
+    assert first_b["kl_k3"] < 1e-9 and first_b["grad_norm"] < 1e-6
+    assert len(_rows(multi, "k3-loss-s0")) == 6
