@@ -41,11 +41,12 @@ import optax
 from flax import nnx
 
 from experiments import kl_estimators, lm_pretrain
-from experiments.registry import Experiment, RunContext, RunResult
+from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, count_params, fit
-from trainkit.run import RunDir, final_metrics, read_json, read_metrics, write_json
+from trainkit.run import RunDir, final_metrics, is_main_process, read_json, read_metrics, write_json
+from trainkit.sharding import from_main, local_replica, make_mesh, mirror_from_main, replicated
 
 # name -> (trainer, number of critics, critic size, uses k, uses h)
 METHODS = {
@@ -256,13 +257,13 @@ def _base_model_dir(cfg: AsyPPOConfig, ctx: RunContext) -> Path:
     from llm_rl.tokenization import char_tokenizer, save_tokenizer
 
     out = ctx.run_dir.path / "base" / "model"
-    if not (out / "config.json").is_file():
+    if not from_main((out / "config.json").is_file()):
         tokenizer = char_tokenizer()
         mcfg = lm_pretrain.model_config(cfg.base.pretrain.model, len(tokenizer), tokenizer)
         model = family_of_config(mcfg).model_class(mcfg, rngs=nnx.Rngs(cfg.seed))
-        save_pretrained(model, mcfg, out)
+        save_pretrained(model, mcfg, out)  # process 0 writes
         save_tokenizer(tokenizer, out)
-    return out
+    return mirror_from_main(out)
 
 
 def _critic_model_dir(cfg: AsyPPOConfig, ctx: RunContext) -> Path | None:
@@ -295,7 +296,7 @@ def _settings(cfg: AsyPPOConfig, name: str, seed: int):
 
 
 def _state_bytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def _timed(iterate):
@@ -306,6 +307,20 @@ def _timed(iterate):
         metrics["iteration_seconds"] = np.full(n, (time.perf_counter() - start) / n, np.float32)
         return state, metrics
     return timed
+
+
+def _final(rows: list[dict], chunk_size: int) -> dict:
+    """A sub-run's final metrics: training metrics over its last 5 iterations, the last
+    evaluation, and the steady-state timing (the median over iterations after the first chunk,
+    which compiles)."""
+    final = final_metrics(rows, window=5)
+    final.update(_last_evaluation(rows))
+    for key in ("iteration_seconds", "update_seconds"):
+        vals = [row[key] for row in rows[chunk_size:] if key in row] or \
+               [row[key] for row in rows if key in row]
+        if vals:
+            final[f"{key}_median"] = float(np.median(vals))
+    return final
 
 
 def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
@@ -328,13 +343,24 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
     critic_optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.critic.lr))
 
+    # Several processes: each update's batch is split over every device (sampling is not,
+    # llm_rl.rl.make_iteration); one process keeps the one-device trainers.
+    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
+    rows = r.num_prompts * r.group_size
+    if mesh is not None and rows % jax.device_count():
+        raise UserError(f"rl.num_prompts x rl.group_size = {rows} rows: with {jax.process_count()} "
+                        f"processes each batch is split over all {jax.device_count()} devices; "
+                        "use a multiple of that")
+
     def evaluate(state):
-        acc, fmt = rl.greedy_accuracy(graphdef, state.params, tokenizer, in_domain, r.max_new_tokens)
-        ood_acc, _ = rl.greedy_accuracy(graphdef, state.params, tokenizer, ood, ood_tokens)
+        params = local_replica(state.params)  # every process evaluates alone, as one would
+        acc, fmt = rl.greedy_accuracy(graphdef, params, tokenizer, in_domain, r.max_new_tokens)
+        ood_acc, _ = rl.greedy_accuracy(graphdef, params, tokenizer, ood, ood_tokens)
         return {"eval_accuracy": acc, "eval_formatted": fmt, "ood_accuracy": ood_acc}
 
     base_eval = evaluate(rl.init_state(ref_params, optimizer, 0))
-    write_json(ctx.run_dir.path / "base_eval.json", base_eval)
+    if is_main_process():
+        write_json(ctx.run_dir.path / "base_eval.json", base_eval)
 
     def critics(size: str, m: int, seed: int):
         if size == "actor":
@@ -352,18 +378,27 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
             seed = cfg.seed + seed_index
             sub = RunDir(ctx.run_dir.path / "configs" / f"{name}-s{seed_index}")
             settings = _settings(cfg, name, seed)
-            write_json(sub.config_path, {"method": name, **dataclasses.asdict(settings)})
+            if is_main_process():
+                write_json(sub.config_path, {"method": name, **dataclasses.asdict(settings)})
             if kind == "grpo":
-                iterate = rl.make_iteration(graphdef, ref_params, optimizer, tokenizer, settings)
+                iterate = rl.make_iteration(graphdef, ref_params, optimizer, tokenizer, settings,
+                                            mesh=mesh)
                 state = rl.init_state(ref_params, optimizer, 0)
+                if mesh is not None:
+                    state = jax.device_put(state, replicated(mesh))
                 critic_info = {"critic_params": 0, "critic_state_bytes": 0}
             else:
                 critic_graphdef, stacked = critics(size, m, seed * 100)
+                state = asyppo.init_state(ref_params, stacked, optimizer, critic_optimizer)
+                shardings = None if mesh is None else asyppo.state_shardings(
+                    state, mesh, optimizer, critic_optimizer)
+                if shardings is not None:
+                    state = jax.device_put(state, shardings)
                 if shared is None:
                     shared = asyppo.make_iteration(graphdef, ref_params, critic_graphdef, optimizer,
-                                                   critic_optimizer, tokenizer, settings)
+                                                   critic_optimizer, tokenizer, settings,
+                                                   shardings=shardings)
                 iterate = shared.with_seed(seed)
-                state = asyppo.init_state(ref_params, stacked, optimizer, critic_optimizer)
                 critic_info = {"critic_params": count_params(stacked),
                                "critic_state_bytes": _state_bytes((state.critic_params,
                                                                    state.critic_opt_state))}
@@ -375,20 +410,15 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
             state, logger = fit(sub, state, _timed(iterate), loop, resume=ctx.resume,
                                 evaluate=evaluate)
             logger.close()
-            rows = sub.read_metrics()
-            final = final_metrics(rows, window=5)
-            final.update(_last_evaluation(rows))
-            # Steady-state timing: the median over iterations after the first chunk (compiles).
-            for key in ("iteration_seconds", "update_seconds"):
-                vals = [row[key] for row in rows[r.chunk_size:] if key in row] or \
-                       [row[key] for row in rows if key in row]
-                if vals:
-                    final[f"{key}_median"] = float(np.median(vals))
+            # the log is process 0's (its disk alone has it on a pod)
+            final = from_main(_final(sub.read_metrics(), r.chunk_size) if is_main_process() else None)
             final.update(critic_info)
-            write_json(sub.summary_path, {"method": name, "seed": seed_index, "final": final})
+            if is_main_process():
+                write_json(sub.summary_path, {"method": name, "seed": seed_index, "final": final})
             finals[(name, seed_index)] = final
             all_params[f"{name}-s{seed_index}"] = state.params
-    write_json(ctx.run_dir.path / "sizes.json", sizes)
+    if is_main_process():
+        write_json(ctx.run_dir.path / "sizes.json", sizes)
     metrics = {}
     for name in cfg.grid.all_methods():
         for key in ("reward", "eval_accuracy", "ood_accuracy", "value_mse_ensemble"):

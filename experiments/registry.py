@@ -57,7 +57,7 @@ REGISTRY: dict[str, Entry] = {
                         "measured vs true attribute shift, boundary density (arXiv 2506.09106)"),
     "asyppo": Entry("experiments.asyppo", "llm",
                     "AsyPPO: mini-critic ensembles that mask advantages and filter entropy by "
-                    "their disagreement, vs PPO and GRPO (arXiv 2510.01656)"),
+                    "their disagreement, vs PPO and GRPO (arXiv 2510.01656)", multihost=True),
     "stable_gradients": Entry("experiments.stable_gradients", "rl",
                               "stable gradients at scale: multi-skip residual MLP + LayerNorm + "
                               "Kron (PSGD) vs plain MLP, PQN return vs network size on MinAtar "

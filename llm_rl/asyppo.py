@@ -83,9 +83,9 @@ from jax.sharding import Mesh
 from llm_rl import algorithms, ppo
 from llm_rl.kl import kl_penalty
 from llm_rl.models import ValueModel, token_logprobs
-from llm_rl.rl import rollout
+from llm_rl.rl import rollout, rollout_placement
 from trainkit.guards import GuardState, guarded_update, init_guard
-from trainkit.sharding import DEFAULT_RULES, batch_sharding, param_shardings, replicated
+from trainkit.sharding import DEFAULT_RULES, local_replica, param_shardings, replicated, to_host
 
 ENSEMBLE_AXIS = "ensemble"  # logical name of the stacked critic axis (see ensemble_shardings)
 FRACTION_UNITS = 10_000  # mask fractions are resolved to 1e-4 (basis points): exact integer floor
@@ -475,7 +475,9 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
     ``shardings`` (:func:`state_shardings`): run on that mesh. The update keeps the state on
     those shardings (jit ``out_shardings``), the reference policy is placed like the actor and
     each rollout batch is split over the mesh's batch axes (``data`` x ``fsdp``; replicated
-    when B is not a multiple of their size). ``None``: one device, as before."""
+    when B is not a multiple of their size, which several processes refuse). With several
+    processes each samples and grades the whole batch from its own copy of the policy and
+    uploads its rows (:func:`llm_rl.rl.rollout_placement`). ``None``: one device, as before."""
     s = settings
     M = s.num_critics
     assignment = jnp.asarray(critic_assignment(s.num_prompts, s.group_size, M))  # [M, B]
@@ -483,14 +485,10 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
     logp_fn = lambda p, seq, sm, P: response_logprobs_and_entropy(policy_graphdef, p, seq, sm, P,
                                                                   s.temperature)
 
-    place_batch = lambda *xs: xs
+    mesh = None if shardings is None else jax.tree.leaves(shardings)[0].mesh
+    place_batch = rollout_placement(mesh, s.num_prompts * s.group_size)
     if shardings is not None:
-        mesh = jax.tree.leaves(shardings)[0].mesh
         ref_params = jax.device_put(ref_params, shardings.params)
-        rows = s.num_prompts * s.group_size
-        split = batch_sharding(mesh)
-        batch_sh = split if rows % split.num_devices == 0 else replicated(mesh)
-        place_batch = lambda *xs: jax.device_put(xs, batch_sh)
 
     def update(state: AsyPPOState, sequences, seq_mask, behavior_logp, resp_mask, rewards, key):
         prompt_len = sequences.shape[1] - resp_mask.shape[1]
@@ -600,13 +598,13 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
             rows = []
             for _ in range(n):
                 step = int(state.step)
-                r = rollout(policy_graphdef, state.params, tokenizer, run_settings, step)
+                r = rollout(policy_graphdef, local_replica(state.params), tokenizer, run_settings, step)
                 start = time.perf_counter()
                 state, metrics = update(state, *place_batch(r.sequences, r.seq_mask,
                                                             r.behavior_logp, r.resp_mask,
                                                             r.rewards),
                                         jax.random.fold_in(base_key, step))
-                metrics = jax.device_get(metrics)
+                metrics = jax.tree.map(to_host, metrics)
                 metrics["update_seconds"] = np.float32(time.perf_counter() - start)
                 rows.append(metrics)
             return state, {k: np.stack([r[k] for r in rows]) for k in rows[0]}

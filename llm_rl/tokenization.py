@@ -43,7 +43,12 @@ def char_tokenizer():
 
 
 def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
-    tokenizer.save_pretrained(str(path))
+    """Write the tokenizer files into ``path``; in a multi-host run only process 0 writes (as
+    :func:`llm_rl.models.save_pretrained`), so no process reads a file another is writing."""
+    import jax
+
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(path))
 
 
 def load_tokenizer(path: str | os.PathLike):
