@@ -81,7 +81,17 @@ from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.guards import GuardState, guarded_update, init_guard
 from trainkit.loop import LoopSettings, count_params, fit
-from trainkit.run import RunDir, read_json, write_json
+from trainkit.run import RunDir, is_main_process, read_json, write_json
+from trainkit.sharding import (
+    batch_sharding,
+    from_main,
+    local_replica,
+    make_global_batch,
+    make_mesh,
+    process_batch_slice,
+    replicated,
+    sync_processes,
+)
 
 MODELS = ("flam_global", "flam", "flam_no_la")
 DEFAULT_MODELS = ("flam_global", "flam")
@@ -244,12 +254,22 @@ def paper() -> FlamExpConfig:
 
 
 def prepare_data(cfg: FlamExpConfig, run_dir: RunDir) -> tuple[Path, str]:
-    """Build (or find) the simulated data set; ``(data_root, config_name)``."""
+    """Build (or find) the simulated data set; ``(data_root, config_name)``.
+
+    Several processes: process 0 builds first and the others after it (each finds process 0's
+    data set on a shared disk, or builds the same one on its own disk), so no two processes
+    write one data set at once."""
     d = cfg.data
     root = Path(d.dir) if d.dir else run_dir.path / "data"
+    build = lambda: sed.build(root, d.num_train, d.num_test, d.seed, d.sim,  # noqa: E731
+                              audio_dtype=d.audio_dtype, num_valid=d.num_valid)
     t0 = time.time()
-    path = sed.build(root, d.num_train, d.num_test, d.seed, d.sim, audio_dtype=d.audio_dtype,
-                     num_valid=d.num_valid)
+    if is_main_process():
+        path = build()
+    sync_processes("flam-data-built-by-process-0")
+    if not is_main_process():
+        path = build()
+    sync_processes("flam-data-ready")
     elapsed = time.time() - t0
     if elapsed > 1.0:
         print(f"flam: data set ready in {elapsed:.1f} s: {path}", flush=True)
@@ -472,13 +492,23 @@ def train_models(cfg: FlamExpConfig, ctx: RunContext, graphdef, init_params, tra
     stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * m), tree)  # noqa: E731
     state = TrainState(stack(init_params), stack(optimizer.init(init_params)),
                        stack(init_guard()), jnp.zeros((), jnp.int32))
+    place = lambda batch: batch  # noqa: E731
+    if jax.process_count() > 1:
+        # Several processes: each batch split over every device (clips, and their texts, which
+        # are laid out clip by clip); each process reads the whole batch (the frame labels pair
+        # its clips with every text) and uploads its rows. The state is replicated.
+        mesh = make_mesh(data=-1)
+        state = jax.device_put(state, replicated(mesh))
+        sharding = batch_sharding(mesh)
+        place = lambda batch: jax.tree.map(lambda v: make_global_batch(  # noqa: E731
+            np.asarray(v)[process_batch_slice(sharding, np.shape(v))], sharding, np.shape(v)), batch)
 
     def chunk(state: TrainState, n: int):
         rows = []
         for _ in range(n):
             s = int(state.step)
             raw = train.batch(batch_indices(s, t.batch_size, len(train), cfg.seed))
-            state, metrics = step_fn(state, make_batch(raw, bank), weights)
+            state, metrics = step_fn(state, place(make_batch(raw, bank)), weights)
             rows.append(metrics)
         return state, jax.tree.map(lambda *r: jnp.stack(r), *rows)
 
@@ -707,8 +737,13 @@ def run(cfg: FlamExpConfig, ctx: RunContext) -> RunResult:
     if ctx.seeds != 1:
         raise UserError("flam trains one set of models per run; use --set seed=N for other "
                         "seeds")
+    if jax.process_count() > 1 and cfg.train.batch_size % jax.device_count():
+        raise UserError(f"train.batch_size={cfg.train.batch_size}: with {jax.process_count()} "
+                        f"processes each batch is split over all {jax.device_count()} devices; "
+                        "use a multiple of that")
     root, config_name = prepare_data(cfg, ctx.run_dir)
-    write_json(ctx.run_dir.path / "data.json", {"root": str(root), "config": config_name})
+    if is_main_process():
+        write_json(ctx.run_dir.path / "data.json", {"root": str(root), "config": config_name})
     train = Split("train", root, config_name)
     splits = {s: Split(s, root, config_name) for s in (VALID_SPLIT, *TEST_SPLITS)}
     fcfg = flam_config(cfg)
@@ -716,7 +751,8 @@ def run(cfg: FlamExpConfig, ctx: RunContext) -> RunResult:
         bank = TextBank("minilm", 0)
     else:
         vocab = training_vocab(train.sim, fcfg.text.vocab_size)
-        vocab.save(ctx.run_dir.path / "vocab.json")
+        if is_main_process():
+            vocab.save(ctx.run_dir.path / "vocab.json")
         bank = TextBank("scratch", fcfg.text.max_length, vocab)
     model = enc.FlamModel(fcfg, rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
     graphdef, init_params = nnx.split(model, nnx.Param)
@@ -724,23 +760,28 @@ def run(cfg: FlamExpConfig, ctx: RunContext) -> RunResult:
 
     eval_path = ctx.run_dir.path / "eval.json"
     heat_path = ctx.run_dir.path / "heatmaps.npz"
-    evals = read_json(eval_path) if (ctx.resume and eval_path.exists()) else {}
+    # a resumed run's finished evaluations, as process 0's disk has them (the others follow it)
+    evals = from_main(read_json(eval_path) if (ctx.resume and is_main_process() and eval_path.exists())
+                      else {})
     heat = dict(np.load(heat_path)) if (ctx.resume and heat_path.exists()) else {}
     state = train_models(cfg, ctx, graphdef, init_params, train, bank)
     steps = int(state.step)
     params_out = {}
     for i, kind in enumerate(cfg.models):
-        params_out[kind] = unstack(state.params, i)
+        # every process evaluates the whole test set alone, from its own copy (not divided)
+        params_out[kind] = local_replica(unstack(state.params, i))
         if evals.get(kind, {}).get("step") == steps:
             continue  # a finished run resumed: its evaluation is already on disk
         t0 = time.time()
         res, h = evaluate_model(kind, cfg, graphdef, params_out[kind], splits, bank)
         evals[kind] = {"step": steps, "seconds": round(time.time() - t0, 1), **res}
         heat.update(h)
-        write_json(eval_path, evals)
-        np.savez_compressed(heat_path, **heat)
-    write_json(ctx.run_dir.path / "classes.json",
-               {s: list(splits[s].classes) for s in TEST_SPLITS})
+        if is_main_process():
+            write_json(eval_path, evals)
+            np.savez_compressed(heat_path, **heat)
+    if is_main_process():
+        write_json(ctx.run_dir.path / "classes.json",
+                   {s: list(splits[s].classes) for s in TEST_SPLITS})
     metrics = {"num_params": n_params}
     for kind, score in SCORERS:
         if kind not in cfg.models:

@@ -48,7 +48,7 @@ REGISTRY: dict[str, Entry] = {
     "flam": Entry("experiments.flam", "audio",
                   "FLAM vs FLAM-Global: frame-wise vs clip-level language-audio training on "
                   "simulated sound events, open-vocabulary SED on held-out classes "
-                  "(arXiv 2505.05335)"),
+                  "(arXiv 2505.05335)", multihost=True),
     "dlc": Entry("experiments.dlc", "generative",
                  "Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel "
                  "DiT; MDLM code prior, composition and text-to-code (arXiv 2507.12318)"),

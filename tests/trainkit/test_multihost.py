@@ -426,3 +426,24 @@ def test_asyppo_updates_split_over_two_processes_match_one(tmp_path, subprocess_
                                        rtol=1e-3, atol=1e-5, err_msg=name)
     assert (json.loads((multi / "sizes.json").read_text())
             == json.loads((single / "sizes.json").read_text()))
+
+
+def test_flam_batches_split_over_two_processes_match_one(tmp_path, subprocess_env):
+    """FLAM and FLAM-Global (the smoke preset's models) over 2 processes x 2 devices: process 0
+    builds the simulated data set and the other finds it; every training batch (clips and their
+    frame-level texts) is split over the 4 devices; every process evaluates alone; process 0
+    writes. The evaluation and both models' parameters equal one process's."""
+    single, multi = _single_and_pair(["run", "flam", "--preset", "smoke"], tmp_path, subprocess_env)
+    a = json.loads((single / "summary.json").read_text())["final"]
+    b = json.loads((multi / "summary.json").read_text())["final"]
+    assert a.keys() == b.keys() and any(k.startswith("test_heldout/flam/") for k in a)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5, nan_ok=True), key
+    _, sa = load_numpy(single / "checkpoints")
+    _, sb = load_numpy(multi / "checkpoints")
+    leaves_a, leaves_b = jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])
+    assert len(leaves_a) == len(leaves_b) > 0 and leaves_a[0].shape[0] == 2  # [models, ...]
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
+    rows = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
