@@ -37,11 +37,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.registry import Experiment, RunContext, RunResult
+from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, read_json, read_metrics, write_json
+from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
+from trainkit.sharding import local_replica, make_mesh, replicate
 
 RL_METHODS = ("kd", "c", "d", "c+d", "realchords", "realchords-m")
 
@@ -189,15 +190,23 @@ def _stage(sub: RunDir, state, chunk, steps: int, chunk_size: int, desc: str, re
     return state
 
 
+def _on(mesh, tree):
+    """``tree`` replicated on ``mesh`` (None: as it is, one device)."""
+    return tree if mesh is None else replicate(tree, mesh)
+
+
 def _supervised(sub: RunDir, module, loss, opt, bank, frames: int, p: PretrainConfig, steps: int, crop_lengths,
-                seed: int, desc: str, resume: bool):
+                seed: int, desc: str, resume: bool, mesh=None):
+    """Train one supervised stage; the model comes back with this process's own copy of the
+    parameters (evaluation and sampling run on every process alone)."""
     from audio.music import rl
 
     gd, params = nnx.split(module)
     chunk = rl.make_supervised_chunk(gd, loss, opt, bank, batch=p.batch, frames=frames,
-                                     crop_lengths=crop_lengths)
-    state = _stage(sub, rl.init_train_state(params, opt, seed), chunk, steps, p.chunk_size, desc, resume)
-    return nnx.merge(gd, state.params)
+                                     crop_lengths=crop_lengths, mesh=mesh)
+    state = _stage(sub, _on(mesh, rl.init_train_state(params, opt, seed)), chunk, steps,
+                   p.chunk_size, desc, resume)
+    return nnx.merge(gd, local_replica(state.params))
 
 
 def _load_pieces(cfg: RealchordsConfig, seed: int):
@@ -289,19 +298,27 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
     rl_settings = rl.RLSettings(beta=cfg.rl.beta, reward_scale=cfg.rl.reward_scale, batch=cfg.rl.batch,
                                 frames=F, temperature=cfg.rl.temperature,
                                 normalize_advantages=cfg.rl.normalize_advantages)
+    # Several processes: every step's batch (crops, and the RL rollouts) split over all devices,
+    # the state, bank and frozen models replicated; evaluation on every process alone.
+    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
+    uneven = [f"{k}={b}" for k, b in (("pretrain.batch", p.batch), ("rl.batch", cfg.rl.batch))
+              if b % jax.device_count()]
+    if mesh is not None and uneven:
+        raise UserError(f"{', '.join(uneven)}: with {jax.process_count()} processes each batch is "
+                        f"split over all {jax.device_count()} devices; use a multiple of that")
     results, all_params = {}, {}
     for si in range(ctx.seeds):
         seed = cfg.seed + si
         root = ctx.run_dir.path / f"seed{si}"
         train, test = _load_pieces(cfg, seed)
         shifts = tuple(range(-cfg.data.transpose, cfg.data.transpose + 1))
-        bank = rl.FrameBank.build(train, vocab, shifts=shifts)
+        bank = _on(mesh, rl.FrameBank.build(train, vocab, shifts=shifts))
         rngs = nnx.Rngs(seed)
 
         def supervised(name, module, loss, steps, crop_lengths=None, seed_offset=0,
                        bank=bank, seed=seed, root=root, si=si):
             return _supervised(RunDir(root / name), module, loss, opt, bank, F, p, steps, crop_lengths,
-                               seed * 100 + seed_offset, f"seed {si} {name}", ctx.resume)
+                               seed * 100 + seed_offset, f"seed {si} {name}", ctx.resume, mesh)
 
         online = supervised("online", M.OnlineDecoder(mcfg, space, rngs=rngs), rl.online_mle_loss,
                             p.online_steps, seed_offset=1)
@@ -317,8 +334,8 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
         mel, ch = _frames(aur, vocab, F)
         auroc = _auroc({"contrastive": contrastive, "discriminative": discriminative}, mel, ch)
 
-        frozen = rl.Frozen(nnx.split(teacher), nnx.split(online), nnx.split(contrastive),
-                           nnx.split(discriminative))
+        frozen = rl.Frozen(*((gd, _on(mesh, params)) for gd, params in (
+            nnx.split(teacher), nnx.split(online), nnx.split(contrastive), nnx.split(discriminative))))
         value_gd, _ = nnx.split(M.ValueDecoder(mcfg, space, rngs=nnx.Rngs(0)))
         online_gd, online_params = nnx.split(online)
         policies = {"online MLE": online}
@@ -328,11 +345,11 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
             critic.trunk = nnx.merge(online_gd, online_params)
             _, value_params = nnx.split(critic)
             chunk = rl.make_rl_chunk(online_gd, value_gd, rl_opt, value_opt, bank, tables, rl_settings,
-                                     frozen, method)
+                                     frozen, method, mesh=mesh)
             state = rl.init_rl_state(online_params, value_params, rl_opt, value_opt, seed * 100 + 10)
-            state = _stage(RunDir(root / f"rl-{method}"), state, chunk, cfg.rl.steps,
+            state = _stage(RunDir(root / f"rl-{method}"), _on(mesh, state), chunk, cfg.rl.steps,
                            cfg.rl.chunk_size, f"seed {si} rl {method}", ctx.resume)
-            policies[method] = nnx.merge(online_gd, state.params)
+            policies[method] = nnx.merge(online_gd, local_replica(state.params))
             all_params[f"{method}-s{si}"] = state.params
 
         # Table 1 on held-out pieces.
@@ -356,10 +373,11 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
             out = M.sample_online(policies[name], smel, key, allow_eos=False)
             per_frame = metrics.per_frame_note_in_chord(_to_pieces(vocab, names, shifted, out.chords))
             adaptation[name] = np.asarray(per_frame, np.float64).tolist()
-        write_json(root / "eval.json", {"table": row, "auroc": auroc, "adaptation": adaptation,
-                                        "eval_pieces": len(ev), "frames": cfg.eval.frames})
+        if is_main_process():
+            write_json(root / "eval.json", {"table": row, "auroc": auroc, "adaptation": adaptation,
+                                            "eval_pieces": len(ev), "frames": cfg.eval.frames})
         results[si] = row
-        if si == 0:
+        if si == 0 and is_main_process():  # MIDI, audio and piano rolls: process 0 alone
             _examples(ctx.run_dir, vocab, ev[:cfg.eval.examples], policies, stream)
     metrics_out = {f"{m}/note_in_chord": float(np.mean([results[s][m]["note_in_chord"] for s in results]))
                    for m in results[0]}

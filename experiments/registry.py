@@ -72,7 +72,7 @@ REGISTRY: dict[str, Entry] = {
     "realchords": Entry("experiments.realchords", "audio",
                         "ReaLchords: online chord accompaniment by RL with contrastive and "
                         "discriminative rewards and offline-teacher distillation, Bach chorales "
-                        "(ICML 2024)"),
+                        "(ICML 2024)", multihost=True),
 }
 
 

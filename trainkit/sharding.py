@@ -325,6 +325,23 @@ def mirror_from_main(directory: str | os.PathLike) -> Path:
     return root
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (the same values on every process: host arrays, this process's arrays, typed
+    PRNG keys) as arrays replicated over every device of ``mesh``, without a collective.
+    ``jax.device_put`` refuses a multi-process sharding for arrays a process already holds
+    on its devices, and for typed keys."""
+    sharding = replicated(mesh)
+
+    def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            data = jax.make_array_from_process_local_data(sharding, to_host(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=impl)
+        return jax.make_array_from_process_local_data(sharding, to_host(x))
+
+    return jax.tree.map(one, tree)
+
+
 def local_replica(tree: Any) -> Any:
     """This process's own full copy of every array of ``tree``, for work each process does
     alone on the whole batch (sampling, grading, evaluation) with no collective per step: the

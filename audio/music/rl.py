@@ -52,6 +52,7 @@ from audio.music import rewards as R
 from llm_rl.algorithms import aggregate, terminal_rewards, value_loss, whiten
 from llm_rl.kl import estimate
 from trainkit.guards import GuardState, guarded_update, init_guard
+from trainkit.sharding import BATCH_AXES, batch_sharding
 
 # --- pure functions: penalties ----------------------------------------------------------------
 
@@ -273,24 +274,46 @@ def reward_model_loss(model, melody, chords) -> jax.Array:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def batch_spread(mesh, batch: int):
+    """The sharding that splits a step's ``batch`` crops over the batch axes (``data`` x
+    ``fsdp``) of ``mesh`` (None: no mesh). With a mesh, the state, the bank and the frozen
+    models are replicated on it (:func:`trainkit.sharding.replicate`) and every step draws
+    the same crops as without one (a partitionable PRNG), each device computing its share of
+    them: the rollouts, the losses and their gradients, reduced over every device of every
+    process. ``ValueError`` when ``batch`` does not divide over the batch axes."""
+    if mesh is None:
+        return None
+    spread = batch_sharding(mesh)
+    parts = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if batch % parts:
+        raise ValueError(f"a batch of {batch} crops cannot be split over {parts} data-parallel "
+                         "devices; use a multiple")
+    return spread
+
+
 def make_supervised_chunk(graphdef, loss: Callable, optimizer, bank: FrameBank, *, batch: int,
                           frames: int, crop_lengths: Sequence[int] | None = None,
-                          fast_compile: bool = False):
+                          fast_compile: bool = False, mesh=None):
     """``chunk(state, n) -> (state, metrics)`` running n steps of ``loss(model, melody,
     chords)`` on random crops of ``bank`` drawn from each step's key (see the module
     docstring); ``crop_lengths`` draws shorter windows too (reward models). The step is
     compiled once per (graphdef, loss, optimizer, sizes): seeds reuse it. ``fast_compile``
-    compiles it with :data:`FAST_COMPILE` (same numbers up to float rounding)."""
+    compiles it with :data:`FAST_COMPILE` (same numbers up to float rounding). ``mesh``: each
+    batch split over its devices (:func:`batch_spread`)."""
     lengths = tuple(int(x) for x in crop_lengths) if crop_lengths else None
     step = _supervised_step_fast if fast_compile else _supervised_step
-    return _chunk_of(lambda state: step(graphdef, loss, optimizer, batch, frames, lengths, state, bank))
+    spread = batch_spread(mesh, batch)
+    return _chunk_of(lambda state: step(graphdef, loss, optimizer, batch, frames, lengths, spread,
+                                        state, bank))
 
 
-def _supervised_step_impl(graphdef, loss, optimizer, batch, frames, crop_lengths, state: TrainState,
-                     bank: FrameBank):
+def _supervised_step_impl(graphdef, loss, optimizer, batch, frames, crop_lengths, spread,
+                          state: TrainState, bank: FrameBank):
     key = jax.random.fold_in(state.key, state.step)
     k_data, k_len = jax.random.split(key)
     melody, chords = sample_crops(bank, k_data, batch, frames)
+    if spread is not None:
+        melody, chords = jax.lax.with_sharding_constraint((melody, chords), spread)
     if crop_lengths:
         melody, chords = random_lengths(melody, chords, k_len, crop_lengths)
 
@@ -304,8 +327,8 @@ def _supervised_step_impl(graphdef, loss, optimizer, batch, frames, crop_lengths
             {"loss": value, "grad_norm": optax.global_norm(grads), **gm})
 
 
-_supervised_step = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5))
-_supervised_step_fast = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5),
+_supervised_step = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_supervised_step_fast = jax.jit(_supervised_step_impl, static_argnums=(0, 1, 2, 3, 4, 5, 6),
                                 compiler_options=FAST_COMPILE)
 
 
@@ -377,10 +400,11 @@ class Frozen(NamedTuple):
 
 def make_rl_chunk(graphdef, value_graphdef, optimizer, value_optimizer, bank: FrameBank,
                   tables: DecodeTables, settings: RLSettings, frozen: Frozen, method: str, *,
-                  fast_compile: bool = False):
+                  fast_compile: bool = False, mesh=None):
     """``chunk(state, n) -> (state, metrics)``: n RL updates, each on a fresh batch of the
     policy's own rollouts (one update per batch, as the reference's single epoch); ``method``
-    one of :data:`METHODS`; ``fast_compile`` as in :func:`make_supervised_chunk`."""
+    one of :data:`METHODS`; ``fast_compile`` and ``mesh`` as in :func:`make_supervised_chunk`
+    (with a mesh the rollouts too are split over its devices)."""
     if method not in METHODS:
         raise ValueError(f"RL method {method!r}: must be one of {', '.join(METHODS)}")
     if method == "realchords-m":
@@ -389,18 +413,22 @@ def make_rl_chunk(graphdef, value_graphdef, optimizer, value_optimizer, bank: Fr
     gds = tuple(g for g, _ in frozen)
     params = tuple(p for _, p in frozen)
     step = _rl_step_fast if fast_compile else _rl_step
+    spread = batch_spread(mesh, settings.batch)
     return _chunk_of(lambda state: step(graphdef, value_graphdef, optimizer, value_optimizer,
-                                        settings, gds, state, bank, tables, params, weights))
+                                        settings, gds, spread, state, bank, tables, params, weights))
 
 
 def _rl_step_impl(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSettings, frozen_gds,
-             state: RLState, bank: FrameBank, tables: DecodeTables, frozen_params, weights):
+                  spread, state: RLState, bank: FrameBank, tables: DecodeTables, frozen_params,
+                  weights):
     w_c, w_d, w_teacher, w_pen = weights[0], weights[1], weights[2], weights[3]
     teacher, online, contrastive, discriminative = (
         nnx.merge(g, p) for g, p in zip(frozen_gds, frozen_params))
     key = jax.random.fold_in(state.key, state.step)
     k_data, k_roll = jax.random.split(key)
     melody, _ = sample_crops(bank, k_data, s.batch, s.frames)
+    if spread is not None:
+        melody = jax.lax.with_sharding_constraint(melody, spread)
     policy = nnx.merge(graphdef, state.params)
     space = policy.space
     rollout = M.rollout_online(policy, melody, k_roll, temperature=s.temperature, greedy=False,
@@ -442,5 +470,6 @@ def _rl_step_impl(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSet
     return RLState(params, vparams, opt_state, vopt, state.step + 1, state.key, guard), metrics
 
 
-_rl_step = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5))
-_rl_step_fast = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5), compiler_options=FAST_COMPILE)
+_rl_step = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_rl_step_fast = jax.jit(_rl_step_impl, static_argnums=(0, 1, 2, 3, 4, 5, 6),
+                        compiler_options=FAST_COMPILE)

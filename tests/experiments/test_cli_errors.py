@@ -314,10 +314,10 @@ def test_multi_process_run_of_an_experiment_that_cannot_divide_its_work(capsys, 
     from experiments.registry import REGISTRY, require_multihost
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    code, _, err = cli(["run", "realchords", "--run-dir", tmp_path / "run"], capsys)
-    line = assert_one_line_error(code, err, "'realchords'", "2 processes", "quickstart",
+    code, _, err = cli(["run", "dlc", "--run-dir", tmp_path / "run"], capsys)
+    line = assert_one_line_error(code, err, "'dlc'", "2 processes", "quickstart",
                                  "lm_pretrain", "grama")
-    assert "realchords" not in line.split("run one that does:")[1] and "kl_estimators" in line
+    assert "'dlc'" not in line.split("run one that does:")[1] and "kl_estimators" in line
     assert not (tmp_path / "run").exists()
     for name, entry in REGISTRY.items():
         if entry.multihost:
