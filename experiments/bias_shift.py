@@ -63,7 +63,8 @@ from generative import evaluation as ev
 from generative import vae as vae_lib
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
-from trainkit.run import RunDir, read_json, write_json
+from trainkit.run import RunDir, is_main_process, read_json, write_json
+from trainkit.sharding import from_main, make_mesh
 
 STAGES = ("data", "readers", "generators", "eval")
 GENERATORS = ("dit_small", "dit_large", "vae")
@@ -371,8 +372,10 @@ class Stages:
         return read_stage(self.root / name)
 
     def run(self, name: str, fn: Callable[[], tuple]):
+        """Load stage ``name`` if it is done (``--resume``; as process 0 sees it, on storage
+        every process reaches), else compute ``fn()`` (every process) and save (process 0)."""
         d = self.root / name
-        if self.resume and (d / "done.json").exists():
+        if from_main(bool(self.resume and (d / "done.json").exists())):
             print(f"bias_shift: stage {name}: done, loaded", flush=True)
             self.seconds[name] = read_json(d / "done.json")["seconds"]
             return self.load(name)
@@ -380,6 +383,9 @@ class Stages:
         t0 = time.time()
         arrays, params, info = fn()
         seconds = round(time.time() - t0, 1)
+        self.seconds[name] = seconds
+        if not is_main_process():
+            return arrays or {}, params, info or {}
         d.mkdir(parents=True, exist_ok=True)
         if arrays:
             np.savez_compressed(d / "arrays.npz", **arrays)
@@ -391,7 +397,6 @@ class Stages:
         from trainkit.checkpoint import fault_point  # (orbax: imported only here)
 
         fault_point()  # the reliability sweep's kill point (a no-op unless asked)
-        self.seconds[name] = seconds
         print(f"bias_shift: stage {name}: {seconds} s", flush=True)
         return arrays or {}, params, info or {}
 
@@ -425,7 +430,7 @@ def build_regressor(cfg: BiasShiftConfig) -> Callable:
                                         rngs=rngs)
 
 
-def stage_readers(cfg: BiasShiftConfig, data: dict):
+def stage_readers(cfg: BiasShiftConfig, data: dict, mesh=None):
     r = cfg.readers
     images = data["reader_images"]
     labels = exact_labels(cfg, data, "reader")
@@ -440,13 +445,13 @@ def stage_readers(cfg: BiasShiftConfig, data: dict):
                   else {"build": am.build_mlp(r.mlp_hidden)})
             clf = ev.train_attribute_classifier(images, labels, key, num_classes=heads,
                                                 steps=r.steps, batch_size=r.batch_size,
-                                                learning_rate=r.learning_rate, **kw)
+                                                learning_rate=r.learning_rate, mesh=mesh, **kw)
             params[name] = _pure(clf.model)
             info["val_accuracy"][name] = ev.attribute_accuracy(clf, data["val_images"],
                                                                val_labels)
     reg = am.train_regressor(images, raw_of(data, "reader"), jax.random.key(cfg.seed + 7),
                              steps=r.regressor_steps, batch_size=r.batch_size,
-                             widths=r.regressor_widths)
+                             widths=r.regressor_widths, mesh=mesh)
     params["regressor"] = _pure(reg.classifier.model)
     info["regressor"] = {"size_mean": reg.size_mean, "size_std": reg.size_std,
                          "val_errors": am.regressor_errors(reg.predict(data["val_images"]),
@@ -481,7 +486,7 @@ def dit_samples(model: dit.DiT, key: jax.Array, g: GeneratorsConfig) -> np.ndarr
     return np.concatenate(out)[:g.num_samples]
 
 
-def stage_generators(cfg: BiasShiftConfig, data: dict):
+def stage_generators(cfg: BiasShiftConfig, data: dict, mesh=None):
     g = cfg.generators
     x = _float(data["train_images"])
     key = jax.random.key(cfg.seed + 3)
@@ -490,7 +495,7 @@ def stage_generators(cfg: BiasShiftConfig, data: dict):
         mcfg = getattr(g, name)
         t0 = time.time()
         trained = dit.train_dit(mcfg, x, None, jax.random.fold_in(key, i), g.dit_steps,
-                                train=g.dit_train)
+                                train=g.dit_train, mesh=mesh)
         model = trained.ema_model if trained.ema_model is not None else trained.model
         t1 = time.time()
         arrays[f"{name}_images"] = dit_samples(model, jax.random.fold_in(key, 10 + i), g)
@@ -502,7 +507,7 @@ def stage_generators(cfg: BiasShiftConfig, data: dict):
                       "loss_last": float(np.mean(trained.losses[-50:]))}
     t0 = time.time()
     model, hist = vae_lib.train_vae(g.vae, x, jax.random.fold_in(key, 2), g.vae_steps,
-                                    train=g.vae_train)
+                                    train=g.vae_train, mesh=mesh)
     t1 = time.time()
     arrays["vae_images"] = ev.to_uint8(np.asarray(
         vae_lib.sample(model, jax.random.fold_in(key, 12), g.num_samples)))
@@ -714,15 +719,19 @@ def run(cfg: BiasShiftConfig, ctx: RunContext) -> RunResult:
     for name in ("dit_small", "dit_large"):
         if getattr(cfg.generators, name).image_size != datasets.IMAGE_SIZE:
             raise UserError(f"generators.{name}.image_size must be {datasets.IMAGE_SIZE}")
+    # Several processes: the training stages split every batch over all devices (the state
+    # replicated); rendering, sampling and evaluation run on every process alone.
+    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
     st = Stages(ctx.run_dir, ctx.resume)
     t0 = time.time()
     data, _, _ = st.run("data", lambda: stage_data(cfg))
-    _, reader_params, reader_info = st.run("readers", lambda: stage_readers(cfg, data))
+    _, reader_params, reader_info = st.run("readers", lambda: stage_readers(cfg, data, mesh))
     clfs, reg = load_readers(cfg, reader_params, reader_info)
-    gens, gen_params, _ = st.run("generators", lambda: stage_generators(cfg, data))
+    gens, gen_params, _ = st.run("generators", lambda: stage_generators(cfg, data, mesh))
     _, _, res = st.run("eval", lambda: stage_eval(cfg, data, gens, clfs, reg))
-    write_json(ctx.run_dir.path / "stages.json", {"seconds": st.seconds,
-                                                   "wall_this_run": round(time.time() - t0, 1)})
+    if is_main_process():
+        write_json(ctx.run_dir.path / "stages.json", {"seconds": st.seconds,
+                                                       "wall_this_run": round(time.time() - t0, 1)})
     r, g = cfg.readers, cfg.generators
     steps = (len(classifier_names(cfg)) * r.steps + r.regressor_steps + 2 * g.dit_steps
              + g.vae_steps)

@@ -87,7 +87,8 @@ from generative import vit_dino as vd
 from generative.sem import SEMConfig
 from trainkit import guards, plots
 from trainkit.config import Config, ConfigError, field, load_json
-from trainkit.run import Progress, RunDir, read_json, write_json
+from trainkit.run import Progress, RunDir, is_main_process, read_json, write_json
+from trainkit.sharding import from_main, local_replica, make_mesh, replicate, spread_batch, to_host
 
 STAGES = ("data", "classifier", "sem", "dit", "codes", "samples", "eval")
 SAMPLE_SETS = ("uncond", "prior", "recon", "compose", "text")
@@ -410,10 +411,15 @@ class Stages:
         self.log: dict[str, str] = {}
 
     def done(self, name: str) -> bool:
-        return self.resume and (self.root / name / "done.json").exists()
+        """Whether stage ``name`` finished, as process 0 sees it (the checkpoint directory is on
+        storage every process reaches, docs/scaling.md)."""
+        return from_main(bool(self.resume and (self.root / name / "done.json").exists()))
 
     def save(self, name: str, arrays: dict | None = None, params: Any = None,
              info: dict | None = None, seconds: float = 0.0) -> None:
+        """Write the stage (process 0; every process computed the same outputs)."""
+        if not is_main_process():
+            return
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         if arrays is not None:
@@ -505,12 +511,13 @@ def build_classifier(rngs: nnx.Rngs) -> ev.AttributeCNN:
     return ev.AttributeCNN(ev.SHAPE_ATTRIBUTES, rngs=rngs)
 
 
-def stage_classifier(cfg: DLCExpConfig, data: dict):
+def stage_classifier(cfg: DLCExpConfig, data: dict, mesh=None):
     e = cfg.eval
     # separate renders of the full distribution (held-out pairs included): another data seed
     images, labels, _ = render_split(cfg.data.seed + 1000, "train", e.classifier_images)
     clf = ev.train_attribute_classifier(images, labels, jax.random.key(cfg.seed + 11),
-                                        steps=e.classifier_steps, batch_size=e.classifier_batch)
+                                        steps=e.classifier_steps, batch_size=e.classifier_batch,
+                                        mesh=mesh)
     pool = _images(data["test_images"])
     acc = ev.attribute_accuracy(clf, pool, labels_of(data, "test"))
     return None, {"cnn": _pure(clf.model)}, {"pool_accuracy": acc}
@@ -527,7 +534,7 @@ def knn_probe(train_sem, train_tok, test_sem, test_tok, y_train, y_test, V, k) -
     return out
 
 
-def stage_sem(cfg: DLCExpConfig, data: dict):
+def stage_sem(cfg: DLCExpConfig, data: dict, mesh=None):
     s = cfg.sem
     key = jax.random.key(cfg.seed + 1)
     train_x = _images(data["train_images"])
@@ -535,14 +542,14 @@ def stage_sem(cfg: DLCExpConfig, data: dict):
     y_tr, y_te = labels_of(data, "train"), labels_of(data, "test")
     k_model = jax.random.split(key)[0]  # the trained encoder's initialisation
     if s.encoder == "dino":
-        encoder, hist = vd.train_sem_encoder(s.dino, train_x, key, s.steps)
+        encoder, hist = vd.train_sem_encoder(s.dino, train_x, key, s.steps, mesh=mesh)
         untrained = vd.DINOModel(s.dino, rngs=nnx.Rngs(params=k_model))
         loss = hist["dino_loss"]
         extra = {"log_K": math.log(s.dino.out_dim)}
     else:
         classes = dict(ev.SHAPE_ATTRIBUTES)
         encoder, hist = ss.train_attribute_sem_encoder(s.dino, train_x, y_tr, classes, key,
-                                                       s.steps)
+                                                       s.steps, mesh=mesh)
         untrained = ss.AttributeSEMEncoder(s.dino, classes, rngs=nnx.Rngs(params=k_model))
         loss = hist["loss"]
         extra = {"train_accuracy": {h: float(np.mean(hist[f"acc_{h}"][-50:])) for h in HEADS}}
@@ -588,7 +595,8 @@ def unstack(tree, i: int):
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key: jax.Array):
+def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key: jax.Array,
+                   mesh=None):
     """Train the unconditional and the DLC DiT side by side (one ``vmap``-ped step, one
     compiled program): the same initial parameters, the same batches, times and noise at every
     step; the only difference is the code-dropout probability, 1 for the unconditional model
@@ -597,7 +605,9 @@ def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key
     the dropout probability vmapped.
 
     Returns ``(params [2], losses [steps, 2])``, the EMA (or last) parameters stacked in the
-    order (unconditional, DLC)."""
+    order (unconditional, DLC). ``mesh``: each batch split over its devices, the state
+    replicated (:func:`trainkit.sharding.spread_batch`); the parameters come back as this
+    process's own copy."""
     d = cfg.dit
     mcfg, tr = dit_config(cfg), d.train
     k_init, k_loop = jax.random.split(key)
@@ -610,6 +620,7 @@ def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key
     x_all = jnp.asarray(_images(images))
     c_all = jnp.asarray(codes, jnp.int32)
     n, bs = x_all.shape[0], tr.batch_size
+    state, x_all, c_all, drop_p = replicate((state, x_all, c_all, drop_p), mesh)
 
     one = dit.make_train_step(graphdef, optimizer, ema_decay=tr.ema_decay,
                               time_sampling=tr.time_sampling)
@@ -617,26 +628,27 @@ def train_dit_pair(cfg: DLCExpConfig, images: np.ndarray, codes: np.ndarray, key
     @jax.jit
     def step(state, key):
         k_idx, k_step = jax.random.split(key)
-        idx = jax.random.choice(k_idx, n, (bs,), replace=bs > n)
+        idx = spread_batch(jax.random.choice(k_idx, n, (bs,), replace=bs > n), mesh)
         return jax.vmap(one, in_axes=(0, None, None, None, 0))(state, k_step, x_all[idx],
                                                                c_all[idx], drop_p)
 
     bar = Progress(d.steps, desc="DiT unconditional + DLC", key_metric="loss")
     losses = np.zeros((d.steps, 2))
-    for i, k in enumerate(jax.random.split(k_loop, d.steps)):
-        state, metrics = step(state, k)
+    keys = replicate(jax.random.split(k_loop, d.steps), mesh)
+    for i in range(d.steps):
+        state, metrics = step(state, keys[i])
         if (i + 1) % 10 == 0 or i + 1 == d.steps:
-            m = jax.device_get(metrics)
+            m = jax.tree.map(to_host, metrics)
             guards.check_streak(m, 20, step=i + 1)
             bar.update(i + 1, m)
-        losses[i] = np.asarray(metrics["loss"])
+        losses[i] = to_host(metrics["loss"])
     bar.close()
-    return (state.ema if use_ema else state.params), losses
+    return local_replica(state.ema if use_ema else state.params), losses
 
 
-def stage_dit(cfg: DLCExpConfig, data: dict, codes: np.ndarray):
+def stage_dit(cfg: DLCExpConfig, data: dict, codes: np.ndarray, mesh=None):
     params, losses = train_dit_pair(cfg, data["train_images"], codes,
-                                    jax.random.key(cfg.seed + 2))
+                                    jax.random.key(cfg.seed + 2), mesh)
     info = {name: {"loss_first": float(np.mean(losses[:20, i])),
                    "loss_last": float(np.mean(losses[-50:, i]))}
             for i, name in enumerate(("uncond", "dlc"))}
@@ -666,10 +678,11 @@ def code_sequences(cfg: DLCExpConfig, data: dict, codes: np.ndarray
     return seqs.astype(np.int32), vocab, plen
 
 
-def train_code_pair(cfg: DLCExpConfig, seqs: np.ndarray, plen: int, extra: int, key: jax.Array):
+def train_code_pair(cfg: DLCExpConfig, seqs: np.ndarray, plen: int, extra: int, key: jax.Array,
+                    mesh=None):
     """Train the MDLM code prior and the text-to-code model side by side (one ``vmap``-ped
     step over ``seqs [2, N, P + L]``; own initialisations, the same batches and masks).
-    Returns ``(params [2], losses [steps, 2])``."""
+    Returns ``(params [2], losses [steps, 2])``; ``mesh`` as in :func:`train_dit_pair`."""
     c = cfg.codes
     mcfg = code_model_config(cfg, plen, extra)
     k_init, k_loop = jax.random.split(key)
@@ -684,27 +697,30 @@ def train_code_pair(cfg: DLCExpConfig, seqs: np.ndarray, plen: int, extra: int, 
     one = cd.make_train_step(graphdef, optimizer, maskable=maskable)
     data = jnp.asarray(seqs, jnp.int32)
     n, bs = data.shape[1], c.batch_size
+    params, opt_state, data = replicate((params, opt_state, data), mesh)
 
     @jax.jit
     def step(params, opt_state, key):
         k_idx, k_step = jax.random.split(key)
-        idx = jax.random.choice(k_idx, n, (bs,), replace=bs > n)
+        idx = spread_batch(jax.random.choice(k_idx, n, (bs,), replace=bs > n), mesh)
         return jax.vmap(one, in_axes=(0, 0, None, 0))(params, opt_state, k_step, data[:, idx])
 
     bar = Progress(c.steps, desc="code prior + text-to-code", key_metric="loss")
     losses = np.zeros((c.steps, 2))
-    for i, k in enumerate(jax.random.split(k_loop, c.steps)):
-        params, opt_state, metrics = step(params, opt_state, k)
-        losses[i] = np.asarray(metrics["loss"])
+    keys = replicate(jax.random.split(k_loop, c.steps), mesh)
+    for i in range(c.steps):
+        params, opt_state, metrics = step(params, opt_state, keys[i])
+        losses[i] = to_host(metrics["loss"])
         if (i + 1) % 25 == 0 or i + 1 == c.steps:
             bar.update(i + 1, {"loss": losses[i]})
     bar.close()
-    return params, losses
+    return local_replica(params), losses
 
 
-def stage_codes(cfg: DLCExpConfig, data: dict, sem: dict):
+def stage_codes(cfg: DLCExpConfig, data: dict, sem: dict, mesh=None):
     seqs, vocab, plen = code_sequences(cfg, data, sem["train_codes"])
-    params, losses = train_code_pair(cfg, seqs, plen, len(vocab), jax.random.key(cfg.seed + 3))
+    params, losses = train_code_pair(cfg, seqs, plen, len(vocab), jax.random.key(cfg.seed + 3),
+                                     mesh)
     info = {name: {"loss_first": float(np.mean(losses[:20, i])),
                    "loss_last": float(np.mean(losses[-50:, i]))}
             for i, name in enumerate(("prior", "text2code"))}
@@ -898,15 +914,18 @@ def run(cfg: DLCExpConfig, ctx: RunContext) -> RunResult:
             raise UserError(f"{key} = {size}, but the shapes images are {datasets.IMAGE_SIZE}x"
                             f"{datasets.IMAGE_SIZE} (the paper preset describes the paper's "
                             "224 px ImageNet setting and cannot run on them)")
+    # Several processes: the training stages split every batch over all devices (the state
+    # replicated); data rendering, sampling and evaluation run on every process alone.
+    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
     st = Stages(ctx.run_dir, ctx.resume)
     t_start = time.time()
     data, _, data_info = st.run("data", lambda: stage_data(cfg))
-    _, clf_params, clf_info = st.run("classifier", lambda: stage_classifier(cfg, data))
+    _, clf_params, clf_info = st.run("classifier", lambda: stage_classifier(cfg, data, mesh))
     clf = ev.AttributeClassifier(_restore(build_classifier, clf_params["cnn"]),
                                  dict(ev.SHAPE_ATTRIBUTES))
-    sem, sem_params, sem_info = st.run("sem", lambda: stage_sem(cfg, data))
-    _, dit_params, _ = st.run("dit", lambda: stage_dit(cfg, data, sem["train_codes"]))
-    _, code_params, codes_info = st.run("codes", lambda: stage_codes(cfg, data, sem))
+    sem, sem_params, sem_info = st.run("sem", lambda: stage_sem(cfg, data, mesh))
+    _, dit_params, _ = st.run("dit", lambda: stage_dit(cfg, data, sem["train_codes"], mesh))
+    _, code_params, codes_info = st.run("codes", lambda: stage_codes(cfg, data, sem, mesh))
     mcfg = code_model_config(cfg, int(codes_info["prefix_length"]), len(codes_info["vocab"]))
     models = {name: _restore(lambda r: dit.DiT(dit_config(cfg), rngs=r), dit_params[name])
               for name in ("uncond", "dlc")}
@@ -915,10 +934,11 @@ def run(cfg: DLCExpConfig, ctx: RunContext) -> RunResult:
     samples, _, samples_info = st.run("samples",
                                       lambda: stage_samples(cfg, data, sem, models, codes_info))
     _, _, ev_info = st.run("eval", lambda: stage_eval(cfg, data, samples, clf))
-    write_json(ctx.run_dir.path / "stages.json",
-               {"stages": st.log, "seconds": {s: read_json(st.root / s / "done.json")["seconds"]
-                                              for s in STAGES},
-                "wall_this_run": round(time.time() - t_start, 1)})
+    if is_main_process():
+        write_json(ctx.run_dir.path / "stages.json",
+                   {"stages": st.log,
+                    "seconds": {s: read_json(st.root / s / "done.json")["seconds"] for s in STAGES},
+                    "wall_this_run": round(time.time() - t_start, 1)})
     metrics = flat_metrics(ev_info, sem_info)
     params = {"classifier": clf_params, "sem": sem_params, "dit": dit_params,
               "codes": code_params}

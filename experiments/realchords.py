@@ -190,11 +190,6 @@ def _stage(sub: RunDir, state, chunk, steps: int, chunk_size: int, desc: str, re
     return state
 
 
-def _on(mesh, tree):
-    """``tree`` replicated on ``mesh`` (None: as it is, one device)."""
-    return tree if mesh is None else replicate(tree, mesh)
-
-
 def _supervised(sub: RunDir, module, loss, opt, bank, frames: int, p: PretrainConfig, steps: int, crop_lengths,
                 seed: int, desc: str, resume: bool, mesh=None):
     """Train one supervised stage; the model comes back with this process's own copy of the
@@ -204,7 +199,7 @@ def _supervised(sub: RunDir, module, loss, opt, bank, frames: int, p: PretrainCo
     gd, params = nnx.split(module)
     chunk = rl.make_supervised_chunk(gd, loss, opt, bank, batch=p.batch, frames=frames,
                                      crop_lengths=crop_lengths, mesh=mesh)
-    state = _stage(sub, _on(mesh, rl.init_train_state(params, opt, seed)), chunk, steps,
+    state = _stage(sub, replicate(rl.init_train_state(params, opt, seed), mesh), chunk, steps,
                    p.chunk_size, desc, resume)
     return nnx.merge(gd, local_replica(state.params))
 
@@ -312,7 +307,7 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
         root = ctx.run_dir.path / f"seed{si}"
         train, test = _load_pieces(cfg, seed)
         shifts = tuple(range(-cfg.data.transpose, cfg.data.transpose + 1))
-        bank = _on(mesh, rl.FrameBank.build(train, vocab, shifts=shifts))
+        bank = replicate(rl.FrameBank.build(train, vocab, shifts=shifts), mesh)
         rngs = nnx.Rngs(seed)
 
         def supervised(name, module, loss, steps, crop_lengths=None, seed_offset=0,
@@ -334,7 +329,7 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
         mel, ch = _frames(aur, vocab, F)
         auroc = _auroc({"contrastive": contrastive, "discriminative": discriminative}, mel, ch)
 
-        frozen = rl.Frozen(*((gd, _on(mesh, params)) for gd, params in (
+        frozen = rl.Frozen(*((gd, replicate(params, mesh)) for gd, params in (
             nnx.split(teacher), nnx.split(online), nnx.split(contrastive), nnx.split(discriminative))))
         value_gd, _ = nnx.split(M.ValueDecoder(mcfg, space, rngs=nnx.Rngs(0)))
         online_gd, online_params = nnx.split(online)
@@ -347,7 +342,7 @@ def run(cfg: RealchordsConfig, ctx: RunContext) -> RunResult:
             chunk = rl.make_rl_chunk(online_gd, value_gd, rl_opt, value_opt, bank, tables, rl_settings,
                                      frozen, method, mesh=mesh)
             state = rl.init_rl_state(online_params, value_params, rl_opt, value_opt, seed * 100 + 10)
-            state = _stage(RunDir(root / f"rl-{method}"), _on(mesh, state), chunk, cfg.rl.steps,
+            state = _stage(RunDir(root / f"rl-{method}"), replicate(state, mesh), chunk, cfg.rl.steps,
                            cfg.rl.chunk_size, f"seed {si} rl {method}", ctx.resume)
             policies[method] = nnx.merge(online_gd, local_replica(state.params))
             all_params[f"{method}-s{si}"] = state.params

@@ -51,10 +51,12 @@ REGISTRY: dict[str, Entry] = {
                   "(arXiv 2505.05335)", multihost=True),
     "dlc": Entry("experiments.dlc", "generative",
                  "Discrete Latent Codes: SEM tokens from a self-distilled ViT condition a pixel "
-                 "DiT; MDLM code prior, composition and text-to-code (arXiv 2507.12318)"),
+                 "DiT; MDLM code prior, composition and text-to-code (arXiv 2507.12318)",
+                 multihost=True),
     "bias_shift": Entry("experiments.bias_shift", "generative",
                         "bias shift of unconditional generators (DiT x2, VAE): classifier-"
-                        "measured vs true attribute shift, boundary density (arXiv 2506.09106)"),
+                        "measured vs true attribute shift, boundary density (arXiv 2506.09106)",
+                        multihost=True),
     "asyppo": Entry("experiments.asyppo", "llm",
                     "AsyPPO: mini-critic ensembles that mask advantages and filter entropy by "
                     "their disagreement, vs PPO and GRPO (arXiv 2510.01656)", multihost=True),

@@ -134,11 +134,15 @@ def _dihedral(key: jax.Array, x: jax.Array) -> jax.Array:
 
 def train_regressor(images: Any, raw: Mapping[str, Any], key: jax.Array, *, steps: int = 1000,
                     batch_size: int = 64, learning_rate: float = 2e-3,
-                    widths: Sequence[int] = (32, 64, 128), progress: bool = True) -> Regressor:
+                    widths: Sequence[int] = (32, 64, 128), progress: bool = True,
+                    mesh=None) -> Regressor:
     """Train the renderer-parameter regressor on renders ``images [N, 32, 32, 3]`` (uint8 or
     floats in [-1, 1]) and their recorded ``raw`` parameters (``kind``, ``background``,
-    ``hue``, ``size`` ``[N]``): AdamW with warmup and cosine decay, dihedral augmentation."""
+    ``hue``, ``size`` ``[N]``): AdamW with warmup and cosine decay, dihedral augmentation.
+    ``mesh``: each batch split over its devices (as
+    :func:`generative.evaluation.train_attribute_classifier`)."""
     from trainkit.loop import run_steps
+    from trainkit.sharding import local_replica, replicate, spread_batch
 
     x_all = jnp.asarray(ev._as_float_images(images))
     n = x_all.shape[0]
@@ -166,7 +170,7 @@ def train_regressor(images: Any, raw: Mapping[str, Any], key: jax.Array, *, step
     def step(state, key):
         params, opt_state = state
         k_idx, k_aug = jax.random.split(key)
-        idx = jax.random.choice(k_idx, n, (bs,), replace=False)
+        idx = spread_batch(jax.random.choice(k_idx, n, (bs,), replace=False), mesh)
         x = _dihedral(k_aug, x_all[idx])
         y = {k: v[idx] for k, v in targets.items()}
 
@@ -178,10 +182,10 @@ def train_regressor(images: Any, raw: Mapping[str, Any], key: jax.Array, *, step
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss, **aux}
 
-    (params, _), _ = run_steps(step, (params, optimizer.init(params)),
-                               jax.random.split(k_loop, steps), desc="parameter regressor",
-                               progress=progress)
-    clf = ev.AttributeClassifier(nnx.merge(graphdef, params), dict(REGRESSOR_HEADS))
+    (params, _), _ = run_steps(step, replicate((params, optimizer.init(params)), mesh),
+                               replicate(jax.random.split(k_loop, steps), mesh),
+                               desc="parameter regressor", progress=progress)
+    clf = ev.AttributeClassifier(nnx.merge(graphdef, local_replica(params)), dict(REGRESSOR_HEADS))
     return Regressor(clf, size_mean, size_std)
 
 

@@ -567,12 +567,17 @@ class TrainedDiT(NamedTuple):
 
 def train_dit(cfg: DiTConfig, images: Any, codes: Any | None, key: jax.Array, steps: int,
               progress: bool = True, *, train: DiTTrainConfig | None = None,
-              max_nonfinite: int = 20) -> TrainedDiT:
+              max_nonfinite: int = 20, mesh=None) -> TrainedDiT:
     """Train a :class:`DiT` from scratch on ``images`` (``[N, H, W, C]`` floats in [-1, 1]) and
     their ``codes`` (int ``[N, L]``; None for an unconditional model, which also requires
     ``cfg.unconditional``), ``steps`` AdamW updates on random batches (drawn without
-    replacement within a batch), with a tqdm bar showing the loss.
+    replacement within a batch), with a tqdm bar showing the loss. ``mesh`` (several devices
+    or processes): the state replicated on it and each batch split over its batch axes
+    (:func:`trainkit.sharding.spread_batch`); the models come back with this process's own
+    copy of the parameters (``TrainedDiT.state`` stays on the mesh).
     """
+    from trainkit.sharding import local_replica, replicate, spread_batch
+
     train = train or DiTTrainConfig.cpu()
     images = jnp.asarray(images, jnp.float32)
     chex.assert_shape(images, (None, cfg.image_size, cfg.image_size, cfg.channels))
@@ -598,18 +603,19 @@ def train_dit(cfg: DiTConfig, images: Any, codes: Any | None, key: jax.Array, st
                               time_sampling=train.time_sampling)
     batch = train.batch_size
     replace = batch > n
+    state = replicate(state, mesh)
 
     @jax.jit
     def data_step(state, key):
         k_idx, k_step = jax.random.split(key)
-        idx = jax.random.choice(k_idx, n, (batch,), replace=replace)
+        idx = spread_batch(jax.random.choice(k_idx, n, (batch,), replace=replace), mesh)
         return step_fn(state, k_step, images[idx], None if codes is None else codes[idx])
 
     from trainkit.run import Progress
 
     bar = Progress(steps, desc="dit", key_metric="loss") if progress else None
     losses = np.zeros(steps, np.float64)
-    keys = jax.random.split(k_train, steps)
+    keys = replicate(jax.random.split(k_train, steps), mesh)
     for i in range(steps):
         state, metrics = data_step(state, keys[i])
         losses[i] = float(metrics["loss"])
@@ -618,6 +624,6 @@ def train_dit(cfg: DiTConfig, images: Any, codes: Any | None, key: jax.Array, st
             bar.update(i + 1, {"loss": losses[i]})
     if bar is not None:
         bar.close()
-    trained = nnx.merge(graphdef, state.params)
-    ema_model = nnx.merge(graphdef, state.ema) if use_ema else None
+    trained = nnx.merge(graphdef, local_replica(state.params))
+    ema_model = nnx.merge(graphdef, local_replica(state.ema)) if use_ema else None
     return TrainedDiT(trained, ema_model, losses, state)

@@ -219,7 +219,7 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
                                widths: Sequence[int] = (32, 64, 128), convs_per_stage: int = 1,
                                dihedral_augment: bool = True, progress: bool = True,
                                build: Callable[[Mapping[str, int], nnx.Rngs], nnx.Module]
-                               | None = None) -> AttributeClassifier:
+                               | None = None, mesh=None) -> AttributeClassifier:
     """Train an :class:`AttributeCNN` with AdamW (cosine decay) on ``images`` (float in [-1, 1]
     or uint8, ``[N, 32, 32, 3]``) and integer ``labels`` (``{head: [N]}``).
 
@@ -229,7 +229,12 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     shapes attribute is invariant to it (rotation and position are uniform), turn it off for
     labels that are not (digits 6/9). ``build(num_classes, rngs)`` trains another model with
     the same interface instead (``images -> (features [B, F], {head: logits})``, e.g. the
-    pixel MLP of :mod:`generative.attribute_models`); the CNN settings are then unused."""
+    pixel MLP of :mod:`generative.attribute_models`); the CNN settings are then unused.
+    ``mesh`` (several devices or processes): the state replicated on it and each step's batch
+    split over its batch axes (:func:`trainkit.sharding.spread_batch`); the classifier comes
+    back with this process's own copy of the parameters."""
+    from trainkit.sharding import local_replica, replicate, spread_batch
+
     images = jnp.asarray(_as_float_images(images))
     n = images.shape[0]
     if not labels:
@@ -260,11 +265,12 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     optimizer = optax.adamw(schedule, weight_decay=weight_decay)
     opt_state = optimizer.init(params)
     bs = min(batch_size, n)
+    params, opt_state = replicate((params, opt_state), mesh)
 
     @jax.jit
     def step(params, opt_state, key):
         k_idx, k_flip, k_rot = jax.random.split(key, 3)
-        idx = jax.random.choice(k_idx, n, (bs,), replace=False)
+        idx = spread_batch(jax.random.choice(k_idx, n, (bs,), replace=False), mesh)
         x = images[idx]
         if dihedral_augment:
             flip = jax.random.bernoulli(k_flip, 0.5, (bs, 1, 1, 1))
@@ -287,14 +293,14 @@ def train_attribute_classifier(images: Any, labels: Mapping[str, Any], key: jax.
     if progress:
         from trainkit.run import Progress
         bar = Progress(steps, desc="attribute classifier", key_metric="loss")
-    keys = jax.random.split(k_train, steps)
+    keys = replicate(jax.random.split(k_train, steps), mesh)
     for i in range(steps):
         params, opt_state, metrics = step(params, opt_state, keys[i])
         if bar is not None and (i % 20 == 0 or i == steps - 1):
             bar.update(i + 1, {"loss": float(metrics["loss"])})
     if bar is not None:
         bar.close()
-    return AttributeClassifier(nnx.merge(graphdef, params), num_classes)
+    return AttributeClassifier(nnx.merge(graphdef, local_replica(params)), num_classes)
 
 
 def features(classifier: AttributeClassifier, images: Any) -> np.ndarray:

@@ -83,7 +83,7 @@ def attribute_loss(logits: Mapping[str, jax.Array], labels: Mapping[str, jax.Arr
 
 def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Array,
                                 labels: Mapping[str, np.ndarray], num_classes: Mapping[str, int],
-                                key: jax.Array, steps: int, progress: bool = True
+                                key: jax.Array, steps: int, progress: bool = True, *, mesh=None
                                 ) -> tuple[AttributeSEMEncoder, dict[str, np.ndarray]]:
     """Train :class:`AttributeSEMEncoder` on ``images`` ``[N, H, W, C]`` in ``[-1, 1]`` and
     integer ``labels`` (``{name: [N]}``) for ``steps`` steps.
@@ -93,7 +93,10 @@ def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Arr
     :func:`generative.vit_dino.make_optimizer`), batches drawn uniformly with replacement,
     horizontal flips with ``flip_prob`` (they keep every label of the shapes), non-finite
     steps skipped (:func:`trainkit.guards.guarded_update`). Returns ``(model, history)`` with
-    per-step ``loss``, ``acc_<label>``, ``grad_norm`` and the guard counters."""
+    per-step ``loss``, ``acc_<label>``, ``grad_norm`` and the guard counters. ``mesh`` as in
+    :func:`generative.vit_dino.train_sem_encoder` (batches split over its devices)."""
+    from trainkit.sharding import local_replica, replicate, spread_batch
+
     images = jnp.asarray(images, jnp.float32)
     chex.assert_rank(images, 4)
     if steps < 1:
@@ -118,7 +121,7 @@ def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Arr
     def step(carry, key, images, ys):
         params, opt_state, guard = carry
         k_idx, k_flip = jax.random.split(key)
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        idx = spread_batch(jax.random.randint(k_idx, (cfg.batch_size,), 0, n), mesh)
         x = images[idx]
         flip = jax.random.bernoulli(k_flip, cfg.flip_prob, (cfg.batch_size, 1, 1, 1))
         x = jnp.where(flip, x[:, :, ::-1], x)
@@ -131,8 +134,9 @@ def train_attribute_sem_encoder(cfg: vd.DINOConfig, images: np.ndarray | jax.Arr
 
     from trainkit.loop import run_steps
 
-    (params, _, _), history = run_steps(lambda c, k: step(c, k, images, ys),
-                                        (params, optimizer.init(params), guards.init_guard()),
-                                        jax.random.split(k_loop, steps),
+    carry = replicate((params, optimizer.init(params), guards.init_guard()), mesh)
+    images, ys = replicate((images, ys), mesh)
+    (params, _, _), history = run_steps(lambda c, k: step(c, k, images, ys), carry,
+                                        replicate(jax.random.split(k_loop, steps), mesh),
                                         desc="SEM encoder (attributes)", progress=progress)
-    return nnx.merge(graphdef, params), history
+    return nnx.merge(graphdef, local_replica(params)), history

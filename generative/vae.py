@@ -165,11 +165,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def train_vae(cfg: VAEConfig, images: Any, key: jax.Array, steps: int, *,
-              train: VAETrainConfig | None = None, progress: bool = True
+              train: VAETrainConfig | None = None, progress: bool = True, mesh=None
               ) -> tuple[VAE, dict[str, np.ndarray]]:
     """Train a :class:`VAE` on ``images [N, H, W, C]`` (floats in [-1, 1]) for ``steps``
-    updates on random batches; returns the model and the per-step metrics."""
+    updates on random batches; returns the model and the per-step metrics. ``mesh``: each
+    batch split over its devices (as :func:`generative.dit.train_dit`)."""
     from trainkit.loop import run_steps
+    from trainkit.sharding import local_replica, replicate, spread_batch
 
     train = train or VAETrainConfig()
     images = jnp.asarray(images, jnp.float32)
@@ -185,13 +187,13 @@ def train_vae(cfg: VAEConfig, images: Any, key: jax.Array, steps: int, *,
     @jax.jit
     def step(state, key):
         k_idx, k_step = jax.random.split(key)
-        idx = jax.random.choice(k_idx, n, (bs,), replace=bs > n)
+        idx = spread_batch(jax.random.choice(k_idx, n, (bs,), replace=bs > n), mesh)
         return one(state, k_step, images[idx])
 
-    state = VAETrainState(params, optimizer.init(params), guards.init_guard())
-    state, hist = run_steps(step, state, jax.random.split(k_loop, steps), desc="vae",
-                            progress=progress)
-    return nnx.merge(graphdef, state.params), hist
+    state = replicate(VAETrainState(params, optimizer.init(params), guards.init_guard()), mesh)
+    state, hist = run_steps(step, state, replicate(jax.random.split(k_loop, steps), mesh),
+                            desc="vae", progress=progress)
+    return nnx.merge(graphdef, local_replica(state.params)), hist
 
 
 def sample(model: VAE, key: jax.Array, num_samples: int) -> jax.Array:

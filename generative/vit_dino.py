@@ -815,7 +815,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def train_sem_encoder(cfg: DINOConfig, images: np.ndarray | jax.Array, key: jax.Array,
-                      steps: int, progress: bool = True, *, max_nonfinite: int = 10
+                      steps: int, progress: bool = True, *, max_nonfinite: int = 10, mesh=None
                       ) -> tuple[DINOModel, dict[str, np.ndarray]]:
     """Train a DINO student/teacher pair with a SEM layer on ``images`` for ``steps`` steps.
 
@@ -828,6 +828,9 @@ def train_sem_encoder(cfg: DINOConfig, images: np.ndarray | jax.Array, key: jax.
       progress: show a tqdm bar with ETA and the running loss.
       max_nonfinite: stop with :class:`trainkit.guards.NonFiniteError` after this many
         consecutive skipped (non-finite) steps.
+      mesh: several devices or processes: the state and images replicated on it, each step's
+        batch split over its batch axes (:func:`trainkit.sharding.spread_batch`); the teacher
+        comes back with this process's own copy of the parameters.
     Returns:
       ``(teacher, history)``: the EMA teacher as a :class:`DINOModel` (the network to take
       codes from, see the module docstring) and ``history``, a dict of per-step numpy arrays
@@ -847,19 +850,21 @@ def train_sem_encoder(cfg: DINOConfig, images: np.ndarray | jax.Array, key: jax.
     graphdef, state = init_state(model, optimizer)
     step = make_train_step(graphdef, optimizer, cfg, steps)
     n = images.shape[0]
+    from trainkit.loop import run_steps
+    from trainkit.sharding import local_replica, replicate, spread_batch
+
+    state, images = replicate((state, images), mesh)
 
     @jax.jit
     def sample_and_step(state, key, images):
         k_idx, k_aug = jax.random.split(key)
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        idx = spread_batch(jax.random.randint(k_idx, (cfg.batch_size,), 0, n), mesh)
         return step(state, k_aug, images[idx])
 
-    from trainkit.loop import run_steps
-
     state, history = run_steps(lambda s, k: sample_and_step(s, k, images), state,
-                               jax.random.split(k_loop, steps), desc="dino", progress=progress,
-                               max_nonfinite=max_nonfinite)
-    teacher = nnx.merge(graphdef, state.teacher)
+                               replicate(jax.random.split(k_loop, steps), mesh), desc="dino",
+                               progress=progress, max_nonfinite=max_nonfinite)
+    teacher = nnx.merge(graphdef, local_replica(state.teacher))
     return teacher, history
 
 

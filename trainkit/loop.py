@@ -115,13 +115,13 @@ def run_steps(step: Callable[[Any, jax.Array], tuple[Any, dict]], state: Any, ke
             state, metrics = step(state, keys[i])
             rows.append(metrics)
             if bar is not None and ((i + 1) % 10 == 0 or i + 1 == n):
-                bar.update(i + 1, jax.device_get(metrics))
+                bar.update(i + 1, jax.tree.map(to_host, metrics))
             if (i + 1) % 50 == 0 or i + 1 == n:
-                check_streak(jax.device_get(metrics), max_nonfinite, step=i + 1)
+                check_streak(jax.tree.map(to_host, metrics), max_nonfinite, step=i + 1)
     finally:
         if bar is not None:
             bar.close()
-    rows = jax.device_get(rows)
+    rows = jax.tree.map(to_host, rows)  # also when replicated over several processes
     return state, {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -325,11 +325,29 @@ def mirror_from_main(directory: str | os.PathLike) -> Path:
     return root
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
+def spread_batch(tree: Any, mesh: Mesh | None) -> Any:
+    """Inside a jitted step: the arrays of ``tree`` (a batch drawn in the step) split along
+    their leading axis over the batch axes (``data`` x ``fsdp``) of ``mesh``, so every device
+    computes its share of the step and the gradient is reduced over all of them (the state
+    replicated with :func:`replicate`). ``mesh=None``: ``tree`` unchanged. ``ValueError`` when
+    a leading axis does not divide over the batch axes."""
+    if mesh is None:
+        return tree
+    parts = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    for x in jax.tree.leaves(tree):
+        if x.shape[0] % parts:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split over {parts} "
+                             "data-parallel devices; use a multiple")
+    return jax.lax.with_sharding_constraint(tree, batch_sharding(mesh))
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
     """``tree`` (the same values on every process: host arrays, this process's arrays, typed
-    PRNG keys) as arrays replicated over every device of ``mesh``, without a collective.
-    ``jax.device_put`` refuses a multi-process sharding for arrays a process already holds
-    on its devices, and for typed keys."""
+    PRNG keys) as arrays replicated over every device of ``mesh``, without a collective
+    (``mesh=None``: ``tree`` unchanged). ``jax.device_put`` refuses a multi-process sharding
+    for arrays a process already holds on its devices, and for typed keys."""
+    if mesh is None:
+        return tree
     sharding = replicated(mesh)
 
     def one(x):

@@ -52,7 +52,7 @@ from audio.music import rewards as R
 from llm_rl.algorithms import aggregate, terminal_rewards, value_loss, whiten
 from llm_rl.kl import estimate
 from trainkit.guards import GuardState, guarded_update, init_guard
-from trainkit.sharding import BATCH_AXES, batch_sharding
+from trainkit.sharding import spread_batch
 
 # --- pure functions: penalties ----------------------------------------------------------------
 
@@ -275,20 +275,15 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def batch_spread(mesh, batch: int):
-    """The sharding that splits a step's ``batch`` crops over the batch axes (``data`` x
-    ``fsdp``) of ``mesh`` (None: no mesh). With a mesh, the state, the bank and the frozen
-    models are replicated on it (:func:`trainkit.sharding.replicate`) and every step draws
-    the same crops as without one (a partitionable PRNG), each device computing its share of
-    them: the rollouts, the losses and their gradients, reduced over every device of every
-    process. ``ValueError`` when ``batch`` does not divide over the batch axes."""
-    if mesh is None:
-        return None
-    spread = batch_sharding(mesh)
-    parts = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    if batch % parts:
-        raise ValueError(f"a batch of {batch} crops cannot be split over {parts} data-parallel "
-                         "devices; use a multiple")
-    return spread
+    """The mesh a step splits its ``batch`` crops over (:func:`trainkit.sharding.spread_batch`;
+    None: no mesh), checked up front. With a mesh, the state, the bank and the frozen models
+    are replicated on it (:func:`trainkit.sharding.replicate`) and every step draws the same
+    crops as without one (a partitionable PRNG), each device computing its share of them: the
+    rollouts, the losses and their gradients, reduced over every device of every process.
+    ``ValueError`` when ``batch`` does not divide over the batch axes."""
+    if mesh is not None:
+        jax.eval_shape(lambda: spread_batch(jnp.zeros((batch,)), mesh))  # the divisibility check
+    return mesh
 
 
 def make_supervised_chunk(graphdef, loss: Callable, optimizer, bank: FrameBank, *, batch: int,
@@ -313,7 +308,7 @@ def _supervised_step_impl(graphdef, loss, optimizer, batch, frames, crop_lengths
     k_data, k_len = jax.random.split(key)
     melody, chords = sample_crops(bank, k_data, batch, frames)
     if spread is not None:
-        melody, chords = jax.lax.with_sharding_constraint((melody, chords), spread)
+        melody, chords = spread_batch((melody, chords), spread)
     if crop_lengths:
         melody, chords = random_lengths(melody, chords, k_len, crop_lengths)
 
@@ -428,7 +423,7 @@ def _rl_step_impl(graphdef, value_graphdef, optimizer, value_optimizer, s: RLSet
     k_data, k_roll = jax.random.split(key)
     melody, _ = sample_crops(bank, k_data, s.batch, s.frames)
     if spread is not None:
-        melody = jax.lax.with_sharding_constraint(melody, spread)
+        melody = spread_batch(melody, spread)
     policy = nnx.merge(graphdef, state.params)
     space = policy.space
     rollout = M.rollout_online(policy, melody, k_roll, temperature=s.temperature, greedy=False,
