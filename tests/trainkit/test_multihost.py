@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli, start_cli
+from tests.helpers import SHARED_RUN_TIMEOUT, SMOKE, run_cli, shared_smoke_run, start_cli
 from trainkit.checkpoint import load_numpy
 
 pytestmark = pytest.mark.slow
@@ -201,6 +201,18 @@ def _single_and_pair(args, tmp_path, env):
     for proc, err in zip(procs, _wait_all(procs)):
         assert proc.returncode == 0, err[-3000:]
     return single, multi
+
+
+def _pair_vs_shared(name, tmp_path, tmp_path_factory):
+    """The session's shared one-process smoke run of ``name`` (``tests.helpers.SMOKE``: the
+    experiments keep one device when they run as one process) and the same command as 2
+    processes x 2 devices; returns the two run directories (single, multi)."""
+    shared = shared_smoke_run(name, tmp_path_factory)
+    multi = tmp_path / "multi"
+    procs = _start_pair([*shared.args, "--run-dir", str(multi)], SMOKE[name].env())
+    for proc, err in zip(procs, _wait_all(procs)):
+        assert proc.returncode == 0, err[-3000:]
+    return shared.path, multi
 
 
 def _assert_seed_critics_match(single_checkpoints, multi_checkpoints, seeds):
@@ -399,18 +411,16 @@ def test_kl_estimators_updates_split_over_two_processes_match_one(tmp_path, subp
     assert len(_rows(multi, "k3-loss-s0")) == 6
 
 
-ASYPPO = ["run", "asyppo", "--preset", "smoke", "--set", "grid.methods=grpo,asyppo-m2"]
-
-
-def test_asyppo_updates_split_over_two_processes_match_one(tmp_path, subprocess_env):
-    """AsyPPO (2 mini-critics) and GRPO over 2 processes x 2 devices: the randomly initialised
-    base is written by process 0 and copied to the other; every update's batch (the policy's
-    and the critics' minibatches) is split over the 4 devices; each process samples the whole
-    batch from its copy of the policy. The two layouts train the same policy and critics (to
-    about 1e-7 measured). At this size every GRPO reward is 0, so its updates are zero in both;
-    AsyPPO's are not (critic values give advantages: gradient norms 1.43 and 1.51)."""
-    single, multi = _single_and_pair(ASYPPO, tmp_path, subprocess_env)
-    for name in ("grpo-s0", "asyppo-m2-s0"):
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_asyppo_updates_split_over_two_processes_match_one(tmp_path, tmp_path_factory):
+    """AsyPPO with 2 mini-critics (the smoke preset) over 2 processes x 2 devices: the randomly
+    initialised base is written by process 0 and copied to the other; every update's batch (the
+    policy's and the critics' minibatches) is split over the 4 devices; each process samples the
+    whole batch from its copy of the policy. The two layouts train the same policy and critics
+    (to about 1e-7 measured; gradient norms 1.43 and 1.51: critic values give advantages even
+    when every reward is 0). GRPO's split update is tested with kl_estimators."""
+    single, multi = _pair_vs_shared("asyppo", tmp_path, tmp_path_factory)
+    for name in ("asyppo-m2-s0",):
         rows_a, rows_b = _rows(single, name), _rows(multi, name)
         assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == [1, 2]
         for ra, rb in zip(rows_a, rows_b):
@@ -428,12 +438,13 @@ def test_asyppo_updates_split_over_two_processes_match_one(tmp_path, subprocess_
             == json.loads((single / "sizes.json").read_text()))
 
 
-def test_flam_batches_split_over_two_processes_match_one(tmp_path, subprocess_env):
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_flam_batches_split_over_two_processes_match_one(tmp_path, tmp_path_factory):
     """FLAM and FLAM-Global (the smoke preset's models) over 2 processes x 2 devices: process 0
     builds the simulated data set and the other finds it; every training batch (clips and their
     frame-level texts) is split over the 4 devices; every process evaluates alone; process 0
     writes. The evaluation and both models' parameters equal one process's."""
-    single, multi = _single_and_pair(["run", "flam", "--preset", "smoke"], tmp_path, subprocess_env)
+    single, multi = _pair_vs_shared("flam", tmp_path, tmp_path_factory)
     a = json.loads((single / "summary.json").read_text())["final"]
     b = json.loads((multi / "summary.json").read_text())["final"]
     assert a.keys() == b.keys() and any(k.startswith("test_heldout/flam/") for k in a)
@@ -449,17 +460,17 @@ def test_flam_batches_split_over_two_processes_match_one(tmp_path, subprocess_en
     assert [r["step"] for r in rows] == list(range(1, 7))
 
 
-REALCHORDS = ["run", "realchords", "--preset", "smoke", "--set", "grid.methods=realchords"]
-
-
-def test_realchords_batches_and_rollouts_split_over_two_processes_match_one(tmp_path, subprocess_env):
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_realchords_batches_and_rollouts_split_over_two_processes_match_one(tmp_path,
+                                                                            tmp_path_factory):
     """ReaLchords over 2 processes x 2 devices: in every supervised stage and RL step the batch
     drawn inside the jitted step (the same crops in both layouts: a partitionable PRNG) is
     split over the 4 devices, so each device computes its share of the rollouts, rewards,
     losses and gradients; every process evaluates alone; process 0 writes. The stages' losses,
     the RL metrics, the evaluation table and the policy equal one process's."""
-    single, multi = _single_and_pair(REALCHORDS, tmp_path, subprocess_env)
-    for stage in ("online", "teacher", "contrastive", "discriminative", "rl-realchords"):
+    single, multi = _pair_vs_shared("realchords", tmp_path, tmp_path_factory)
+    for stage in ("online", "teacher", "contrastive", "discriminative", "rl-kd", "rl-c+d",
+                  "rl-realchords"):
         rows_a = [json.loads(x) for x in (single / "seed0" / stage / "metrics.jsonl").read_text().splitlines()]
         rows_b = [json.loads(x) for x in (multi / "seed0" / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] and rows_a
@@ -483,12 +494,13 @@ def test_realchords_batches_and_rollouts_split_over_two_processes_match_one(tmp_
     assert (multi / "examples" / "examples.json").is_file()
 
 
-def test_dlc_stages_split_over_two_processes_match_one(tmp_path, subprocess_env):
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_dlc_stages_split_over_two_processes_match_one(tmp_path, tmp_path_factory):
     """The DLC pipeline over 2 processes x 2 devices: the classifier, SEM encoder, DiT pair and
     code models split every batch (drawn inside the jitted step) over the 4 devices; rendering,
     sampling and evaluation run on every process alone; process 0 writes the stages. The
     trained parameters and the evaluation equal one process's."""
-    single, multi = _single_and_pair(["run", "dlc", "--preset", "smoke"], tmp_path, subprocess_env)
+    single, multi = _pair_vs_shared("dlc", tmp_path, tmp_path_factory)
     a = json.loads((single / "summary.json").read_text())["final"]
     b = json.loads((multi / "summary.json").read_text())["final"]
     assert a.keys() == b.keys() and len(a) > 5
@@ -512,15 +524,15 @@ def test_dlc_stages_split_over_two_processes_match_one(tmp_path, subprocess_env)
                                        err_msg=f"{stage} {name}")
 
 
-def test_bias_shift_stages_split_over_two_processes_match_one(tmp_path, subprocess_env):
+@pytest.mark.timeout(SHARED_RUN_TIMEOUT)
+def test_bias_shift_stages_split_over_two_processes_match_one(tmp_path, tmp_path_factory):
     """bias_shift over 2 processes x 2 devices: the readers (classifiers, regressor) and the
     generators (two DiTs, a VAE) split every batch over the 4 devices; rendering, sampling and
     evaluation run on every process alone; process 0 writes the stages. The readers' and
     generators' parameters and the evaluation equal one process's."""
     import pickle
 
-    single, multi = _single_and_pair(["run", "bias_shift", "--preset", "smoke"], tmp_path,
-                                     subprocess_env)
+    single, multi = _pair_vs_shared("bias_shift", tmp_path, tmp_path_factory)
     a = json.loads((single / "summary.json").read_text())["final"]
     b = json.loads((multi / "summary.json").read_text())["final"]
     assert a.keys() == b.keys() and len(a) > 5
