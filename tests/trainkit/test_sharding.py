@@ -133,3 +133,33 @@ def test_upstream_xla_fsdp_tp_gradient_bug():
     out = grad(put(w0, "fsdp", "model"), put(w1, "fsdp", "model"), put(x, ("data", "fsdp")))
     for a, b in zip(out, ref):
         np.testing.assert_allclose(to_host(a), b, rtol=1e-4, atol=1e-6)
+
+
+@needs8
+def test_replicate_spread_batch_and_local_replica():
+    """The pieces every multi-host trainer uses, in one process: ``replicate`` puts host and
+    device arrays and typed keys on every device of the mesh unchanged; ``spread_batch`` splits a
+    batch drawn inside a jitted step over the batch axes (same values as unsplit), and refuses a
+    batch the axes do not divide; ``local_replica`` leaves arrays this process holds alone."""
+    from trainkit.sharding import local_replica, replicate, spread_batch
+
+    mesh = make_mesh(data=4, fsdp=2)
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "n": np.arange(4), "key": jax.random.key(7)}
+    placed = replicate(tree, mesh)
+    assert replicate(tree, None) is tree
+    for leaf in jax.tree.leaves(placed):
+        assert leaf.is_fully_replicated and len(leaf.sharding.device_set) == 8
+    np.testing.assert_array_equal(placed["w"], tree["w"])
+    np.testing.assert_array_equal(jax.random.key_data(placed["key"]), jax.random.key_data(tree["key"]))
+
+    @jax.jit
+    def step(state):
+        batch = jax.random.normal(state["key"], (16, 3))
+        return spread_batch(batch, mesh) @ state["w"].T, batch @ state["w"].T
+
+    split, whole = step(placed)
+    assert split.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_allclose(np.asarray(split), np.asarray(whole), rtol=1e-6)
+    with pytest.raises(ValueError, match="12 rows cannot be split over 8"):
+        jax.jit(lambda: spread_batch(jnp.zeros((12, 2)), mesh))()
+    assert jax.tree.leaves(local_replica(placed))[0] is jax.tree.leaves(placed)[0]
