@@ -949,6 +949,89 @@ def report(run_dir: RunDir) -> str:
     return str(run_dir.report_path)
 
 
+# --- several seeds -------------------------------------------------------------------------------
+
+#: Paired comparisons of the seed report: (label, model A (kind, score), model B (kind, score)).
+SEED_COMPARISONS = (
+    ("FLAM - FLAM-Global", ("flam", "unbiased"), ("flam_global", "cosine")),
+    ("FLAM - FLAM trained without logit adjustment", ("flam", "unbiased"), ("flam_no_la", "sigmoid")),
+)
+
+
+def seed_values(evals: list[dict]) -> dict[tuple[str, str, str, str], np.ndarray]:
+    """``{(kind, score, split, metric): [seeds]}`` from the ``eval.json`` of several runs (one
+    per seed) that trained the same models; retrieval metrics under score ``"model"``."""
+    kinds = set.intersection(*(set(k for k in e if k in MODELS) for e in evals))
+    out = {}
+    for (kind, score) in SCORERS:
+        if kind not in kinds:
+            continue
+        for split in TEST_SPLITS:
+            for metric in SED_METRICS:
+                out[(kind, score, split, metric)] = np.asarray(
+                    [e[kind][split][score][metric] for e in evals], np.float64)
+    for kind in sorted(kinds):
+        for split in TEST_SPLITS:
+            for metric in MODEL_METRICS:
+                out[(kind, "model", split, metric)] = np.asarray(
+                    [e[kind][split]["model"][metric] for e in evals], np.float64)
+    return out
+
+
+def seed_report(run_dirs: list[Path]) -> str:
+    """Markdown over several runs of one config with different ``seed`` (one per directory):
+    each metric's mean and 95% Student-t interval over seeds, and the **paired** differences of
+    :data:`SEED_COMPARISONS` (the models of one run share initialisation and batches, so the
+    difference is taken within each seed, then its t-interval over seeds:
+    :func:`trainkit.stats.mean_ci`). A difference is called a difference only where its
+    interval excludes 0."""
+    from trainkit.stats import mean_ci
+
+    evals = [read_json(Path(d) / "eval.json") for d in run_dirs]
+    seeds = [load_json(FlamExpConfig, Path(d) / "config.json").seed for d in run_dirs]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"the runs repeat a seed ({seeds}); give one run per seed")
+    vals = seed_values(evals)
+    n = len(evals)
+    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"  # noqa: E731
+    ci = lambda x: tuple(float(t) for t in mean_ci(x)[:2])  # noqa: E731
+    lines = [f"{n} seeds ({', '.join(map(str, seeds))}); mean ± 95% t-interval half-width over seeds "
+             f"(t with {n - 1} degrees of freedom).", "",
+             "| model (frame score) | split | " + " | ".join(SED_METRICS) + " |",
+             "|---|---|" + "---|" * len(SED_METRICS)]
+    for (kind, score), label in SCORERS.items():
+        for split in TEST_SPLITS:
+            if (kind, score, split, SED_METRICS[0]) in vals:
+                lines.append(f"| {label} | {split} | " + " | ".join(
+                    fmt(ci(vals[(kind, score, split, m)])) for m in SED_METRICS) + " |")
+    lines += ["", "| model | split | " + " | ".join(MODEL_METRICS) + " |",
+              "|---|---|" + "---|" * len(MODEL_METRICS)]
+    for kind in MODELS:
+        for split in TEST_SPLITS:
+            if (kind, "model", split, MODEL_METRICS[0]) in vals:
+                lines.append(f"| {MODEL_TITLES[kind]} | {split} | " + " | ".join(
+                    fmt(ci(vals[(kind, "model", split, m)])) for m in MODEL_METRICS) + " |")
+    lines += ["", "Paired differences (within each seed, then over seeds); **bold** where the "
+              "95% interval excludes 0:", "",
+              "| comparison | split | metric | per seed | mean ± 95% CI |", "|---|---|---|---|---|"]
+    for label, a, b in SEED_COMPARISONS:
+        pairs = [((*a, split, m), (*b, split, m)) for split in TEST_SPLITS for m in SED_METRICS]
+        pairs += [((a[0], "model", split, m), (b[0], "model", split, m))
+                  for split in TEST_SPLITS for m in MODEL_METRICS]
+        for ka, kb in pairs:
+            if ka not in vals or kb not in vals:
+                continue
+            split, metric = ka[2], ka[3]
+            d = vals[ka] - vals[kb]
+            mean, half = ci(d)
+            text = f"{mean:+.3f} ± {half:.3f}" if n > 1 else f"{mean:+.3f} (one seed: no interval)"
+            if n > 1 and abs(mean) > half:
+                text = f"**{text}**"
+            lines.append(f"| {label} | {split} | {metric} | "
+                         + ", ".join(f"{x:+.3f}" for x in d) + f" | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 EXPERIMENT = Experiment(
     name="flam",
     description="FLAM vs FLAM-Global: frame-wise vs clip-level contrastive language-audio "
@@ -958,3 +1041,11 @@ EXPERIMENT = Experiment(
     run=run,
     report=report,
 )
+
+
+if __name__ == "__main__":  # python -m experiments.flam RUN_DIR [RUN_DIR ...]: the seed report
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m experiments.flam RUN_DIR [RUN_DIR ...] (one finished run per seed)")
+    print(seed_report([Path(a) for a in sys.argv[1:]]), end="")

@@ -256,3 +256,46 @@ def test_flam_smoke_end_to_end_and_resume(tmp_path, tmp_path_factory, subprocess
     again = json.loads((run_dir / "summary.json").read_text())
     assert again["params_sha256"] == summary["params_sha256"]
     assert again["final"] == summary["final"]
+
+
+def _fake_eval(auroc_flam: float, auroc_global: float) -> dict:
+    """An eval.json with every metric 0.5 except the held-out frame AUROC of FLAM's unbiased
+    score and FLAM-Global's cosine score."""
+    sed_m = {m: 0.5 for m in F.SED_METRICS}
+    model_m = {m: 0.5 for m in F.MODEL_METRICS}
+    out = {}
+    for kind in ("flam", "flam_global"):
+        scores = {"flam": ("unbiased", "sigmoid"), "flam_global": ("cosine",)}[kind]
+        out[kind] = {split: {"model": dict(model_m), **{s: dict(sed_m) for s in scores}}
+                     for split in F.TEST_SPLITS}
+    out["flam"]["test_heldout"]["unbiased"]["auroc"] = auroc_flam
+    out["flam_global"]["test_heldout"]["cosine"]["auroc"] = auroc_global
+    return out
+
+
+def test_seed_report_intervals_and_paired_differences(tmp_path):
+    """The seed report's numbers against a hand computation: mean +- t_{0.975, 2} s / sqrt(3)
+    over 3 seeds (t = 4.302653), and FLAM - FLAM-Global taken within each seed before the
+    interval (paired: the models of a run share initialisation and batches)."""
+    from trainkit.config import save_json
+
+    dirs = []
+    for seed, (a, b) in enumerate([(0.70, 0.50), (0.82, 0.60), (0.91, 0.74)]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        save_json(dataclasses.replace(F.smoke(), seed=seed), d / "config.json")
+        (d / "eval.json").write_text(json.dumps(_fake_eval(a, b)))
+        dirs.append(d)
+    text = F.seed_report(dirs)
+    t = 4.302653
+    half_flam = t * np.std([0.70, 0.82, 0.91], ddof=1) / np.sqrt(3)
+    assert f"| FLAM (unbiased score) | test_heldout | {0.81:.3f} ± {half_flam:.3f} |" in text
+    diffs = [0.20, 0.22, 0.17]
+    half_d = t * np.std(diffs, ddof=1) / np.sqrt(3)  # 0.063: the paired interval excludes 0
+    assert (f"| FLAM - FLAM-Global | test_heldout | auroc | +0.200, +0.220, +0.170 | "
+            f"**+{np.mean(diffs):.3f} ± {half_d:.3f}** |") in text
+    # equal metrics in every seed: a zero difference, not called a difference
+    assert "| FLAM - FLAM-Global | test_seen | auroc | +0.000, +0.000, +0.000 | +0.000 ± 0.000 |" in text
+    save_json(dataclasses.replace(F.smoke(), seed=0), dirs[1] / "config.json")
+    with pytest.raises(F.UserError, match="repeat a seed"):
+        F.seed_report(dirs)
