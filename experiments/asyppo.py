@@ -41,12 +41,12 @@ import optax
 from flax import nnx
 
 from experiments import kl_estimators, lm_pretrain
-from experiments.registry import Experiment, RunContext, RunResult, UserError
+from experiments.registry import Experiment, RunContext, RunResult
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, count_params, fit
 from trainkit.run import RunDir, final_metrics, is_main_process, read_json, read_metrics, write_json
-from trainkit.sharding import from_main, local_replica, make_mesh, mirror_from_main, replicated
+from trainkit.sharding import from_main, local_replica, mirror_from_main, replicated
 
 # name -> (trainer, number of critics, critic size, uses k, uses h)
 METHODS = {
@@ -343,14 +343,7 @@ def run(cfg: AsyPPOConfig, ctx: RunContext) -> RunResult:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
     critic_optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.critic.lr))
 
-    # Several processes: each update's batch is split over every device (sampling is not,
-    # llm_rl.rl.make_iteration); one process keeps the one-device trainers.
-    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
-    rows = r.num_prompts * r.group_size
-    if mesh is not None and rows % jax.device_count():
-        raise UserError(f"rl.num_prompts x rl.group_size = {rows} rows: with {jax.process_count()} "
-                        f"processes each batch is split over all {jax.device_count()} devices; "
-                        "use a multiple of that")
+    mesh = kl_estimators.update_mesh(r)  # several processes: updates split over every device
 
     def evaluate(state):
         params = local_replica(state.params)  # every process evaluates alone, as one would

@@ -184,6 +184,21 @@ def evaluation_problems(cfg: KLEstimatorsConfig, seeds: int) -> tuple[list, list
             draw("out-of-domain", min_ops=r.ood_max_ops, max_ops=r.ood_max_ops))
 
 
+def update_mesh(r) -> "jax.sharding.Mesh | None":
+    """The mesh RL updates split their batch over: every device with several processes
+    (sampling is not divided, llm_rl.rl.make_iteration), None (one device) with one. ``r``: an
+    RL config with ``num_prompts`` and ``group_size`` (kl_estimators', asyppo's); a batch that
+    does not divide over the devices is a :class:`UserError`."""
+    if jax.process_count() == 1:
+        return None
+    rows = r.num_prompts * r.group_size
+    if rows % jax.device_count():
+        raise UserError(f"rl.num_prompts x rl.group_size = {rows} rows: with {jax.process_count()} "
+                        f"processes each batch is split over all {jax.device_count()} devices; "
+                        "use a multiple of that")
+    return make_mesh(data=-1)
+
+
 def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     from llm_rl.models import from_pretrained
     from llm_rl.rl import greedy_accuracy, init_state, make_iteration
@@ -194,14 +209,7 @@ def run(cfg: KLEstimatorsConfig, ctx: RunContext) -> RunResult:
     tokenizer = load_tokenizer(model_dir)
     graphdef, ref_params = nnx.split(ref_model, nnx.Param)
     r = cfg.rl
-    # Several processes: each update's batch is split over every device (sampling is not,
-    # llm_rl.rl.make_iteration); one process keeps the one-device trainer.
-    mesh = make_mesh(data=-1) if jax.process_count() > 1 else None
-    rows = r.num_prompts * r.group_size
-    if mesh is not None and rows % jax.device_count():
-        raise UserError(f"rl.num_prompts x rl.group_size = {rows} rows: with {jax.process_count()} "
-                        f"processes each batch is split over all {jax.device_count()} devices; "
-                        "use a multiple of that")
+    mesh = update_mesh(r)
     in_domain, ood = evaluation_problems(cfg, ctx.seeds)
     ood_tokens = r.max_new_tokens + 16 * max(r.ood_max_ops - r.max_ops, 0)  # longer worked solutions
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(r.lr))
