@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.registry import Experiment, RunContext, RunResult, UserError
+from jaxrl_suite.envs.brax_backend import BRAX_PHYSICS
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
@@ -61,6 +62,9 @@ class GramaConfig(Config):
     seed: int = field(0, ge=0)
     tasks: tuple[str, ...] = field(("gymnax/Pendulum-v1",),
                                    help="environments (jaxrl_suite.envs names, continuous actions)")
+    brax_physics: str = field("spring", choices=BRAX_PHYSICS,
+                              help="physics back end of brax/ tasks: mjx is MuJoCo's own physics; "
+                                   "spring is brax's fast approximation (not MuJoCo)")
     critics: tuple[str, ...] = field(("mlp", "mlp-ln", "residual"),
                                      help=f"critic kinds, each of {', '.join(CRITICS)}")
     resets: tuple[str, ...] = field(RESETS, help=f"reset rules, each of {', '.join(RESETS)}")
@@ -108,19 +112,25 @@ def cpu() -> GramaConfig:
 
 
 def mujoco() -> GramaConfig:
-    """The cpu preset's budget on MuJoCo physics: brax hopper (``spring`` back end) and the
-    DeepMind Control Suite's cartpole swing-up (MJX), plain and LayerNorm critics, no reset vs
-    ReGraMa, 10k env steps each at width 128. SAC is far from solving hopper at 10k steps;
-    what this preset shows is how the two inactivity metrics behave on these tasks. (DMC
-    cheetah-run took ~2 min per 1000 single-env steps here, 4x hopper: ``paper`` has it.)"""
-    return GramaConfig(tasks=("brax/hopper", "dmc/CartpoleSwingup"), critics=("mlp", "mlp-ln"),
-                       resets=("none", "regrama"), total_steps=10_000, width=128)
+    """The cpu preset's budget on MuJoCo physics: brax hopper on MuJoCo's own physics (MJX) and
+    the DeepMind Control Suite's cartpole swing-up (MJX), plain and LayerNorm critics, no reset
+    vs ReGraMa, 10k env steps each at width 128. SAC is far from solving hopper at 10k steps;
+    what this preset shows is how the two inactivity metrics behave on these tasks. (Until
+    2026-12-07 hopper ran on brax's ``spring`` approximation, which is not MuJoCo; the results
+    doc's hopper rows are those. DMC cheetah-run took ~2 min per 1000 single-env steps here,
+    4x hopper: ``paper`` has it.)"""
+    return GramaConfig(tasks=("brax/hopper", "dmc/CartpoleSwingup"), brax_physics="mjx",
+                       critics=("mlp", "mlp-ln"), resets=("none", "regrama"),
+                       total_steps=10_000, width=128)
 
 
 def paper() -> GramaConfig:
-    """MuJoCo tasks at the SAC paper's settings (1M steps, lr 3e-4, 10k warm-up)."""
+    """MuJoCo tasks on MuJoCo physics (brax's MJX pipeline and the DeepMind Control Suite in
+    MJX) at the SAC paper's settings (1M steps, lr 3e-4, 10k warm-up). Differences from the
+    GraMa paper that remain: one environment per agent step (no vectorised collection), the
+    same depth-2 critics for every arm, and brax's MuJoCo task files, not Gymnasium's."""
     return GramaConfig(tasks=("brax/hopper", "brax/walker2d", "brax/halfcheetah", "brax/ant",
-                              "dmc/CheetahRun", "dmc/WalkerRun"),
+                              "dmc/CheetahRun", "dmc/WalkerRun"), brax_physics="mjx",
                        critics=("mlp", "mlp-ln", "residual-ln"), total_steps=1_000_000,
                        learning_starts=10_000, lr=3e-4, health_every=1000)
 
@@ -177,7 +187,8 @@ def run(cfg: GramaConfig, ctx: RunContext) -> RunResult:
     envs = {}
     for task in cfg.tasks:
         try:
-            envs[task] = make(task)
+            physics = {"backend": cfg.brax_physics} if task.startswith("brax/") else {}
+            envs[task] = make(task, **physics)
         except ValueError as err:
             raise UserError(f"config field 'tasks': {err}") from None
         if envs[task].discrete:
@@ -336,6 +347,7 @@ def report(run_dir: RunDir) -> str:
                     figures.append(plots.learning_curves(run_dir.plots_dir / f"{slug}.png", curves,
                                                          xlabel="env steps", ylabel=ylabel,
                                                          title=title))
+    finals = {}  # (task, agent, critic, reset) -> {key: [seeds]}
     for task, agent, critic, reset in _grid(cfg):
         sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
         if not (sub / "summary.json").exists():
@@ -343,6 +355,7 @@ def report(run_dir: RunDir) -> str:
         final = {key: per_seed_final(log_rows(sub), key, window) for key in
                  ("episode_return", "critic/srank", *(k for k, _ in SCORES))}
         final["eval_return"] = per_seed_final(log_rows(sub), "eval_return", 1)  # logged once
+        finals[task, agent, critic, reset] = final
         rows.append([task, agent, critic, reset, reset_layers(cfg, critic, reset),
                      _ci(final["eval_return"], 0),
                      _ci(final["episode_return"], 0), *(_ci(final[k]) for k, _ in SCORES),
@@ -351,6 +364,15 @@ def report(run_dir: RunDir) -> str:
         if dormant is not None:
             diffs.append([task, agent, critic, reset, *(
                 _ci(final[k] - dormant) if final[k] is not None else "-" for k, _ in SCORES[1:])])
+    # each reset arm against the no-reset arm of the same critic, paired within seeds (same
+    # initialisation and environment keys up to the first reset)
+    gains = []
+    for (task, agent, critic, reset), final in finals.items():
+        base = finals.get((task, agent, critic, "none"))
+        if reset != "none" and base is not None:
+            gains.append([task, agent, critic, reset, *(
+                _ci(final[k] - base[k], 0) if final[k] is not None and base[k] is not None else "-"
+                for k in ("eval_return", "episode_return"))])
     table = plots.markdown_table(rows, ["task", "agent", "critic", "reset", "layers it resets",
                                         "eval return (deterministic)", "training return (last 20%)",
                                         *(f"{name} fraction" for _, name in SCORES), "srank"])
@@ -370,6 +392,12 @@ def report(run_dir: RunDir) -> str:
             f"## Does the gradient score flag neurons the activation score misses?\n\n"
             f"Per seed, GraMa-inactive fraction minus tau-dormant fraction in the same critic "
             f"(paired over seeds; an interval that excludes 0 is a difference).\n\n{diff_table}\n\n"
+            + ("## Do the resets improve returns?\n\nPer seed, the reset arm's return minus the "
+               "no-reset arm's in the same critic (paired over seeds).\n\n"
+               + plots.markdown_table(gains, ["task", "agent", "critic", "reset",
+                                              "eval return minus no reset",
+                                              "training return minus no reset"]) + "\n\n"
+               if gains else "")
             + "\n".join(f"![{p.stem}]({p.relative_to(run_dir.path)})" for p in figures) + "\n")
     run_dir.report_path.write_text(text)
     return str(run_dir.report_path)

@@ -88,3 +88,57 @@ def test_reset_layer_sets_are_reported_where_redo_cannot_reach_residual_writers(
     n_redo, n_all = map(int, redo.split(" of "))
     assert regrama == f"{n_all} of {n_all}" and n_redo < n_all
     assert reset_layers(cfg, "residual", "none") == "-"
+
+
+def test_report_pairs_each_reset_arm_with_the_no_reset_arm_of_its_critic(tmp_path):
+    """"Do the resets improve returns?": per seed, the reset arm's eval return minus the
+    no-reset arm's (same critic), t-interval over seeds checked against scipy."""
+    from scipy import stats as st
+
+    from experiments.grama import GramaConfig, _name, report
+    from trainkit.config import save_json
+    from trainkit.run import RunDir, write_json
+
+    run_dir = RunDir(tmp_path / "run")
+    cfg = GramaConfig(critics=("mlp-ln",), resets=("none", "regrama"), total_steps=1000,
+                      chunk_steps=1000)
+    save_json(cfg, run_dir.config_path)
+    returns = {"none": np.array([-150.0, -120.0, -180.0]), "regrama": np.array([-100.0, -130.0, -90.0])}
+    for reset, values in returns.items():
+        sub = run_dir.path / "configs" / _name("gymnax/Pendulum-v1", "mlp-ln", reset)
+        sub.mkdir(parents=True)
+        row = {"step": 1, "eval_return": values.tolist(), "episode_return": (values - 10).tolist(),
+               "critic/dormant/all": [0.1] * 3}
+        (sub / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        write_json(sub / "summary.json", {"final": {}})
+    text = open(report(run_dir)).read()
+    section = text.split("## Do the resets improve returns?")[1]
+    gain = returns["regrama"] - returns["none"]
+    lo, hi = st.t.interval(0.95, 2, loc=gain.mean(), scale=st.sem(gain))
+    cell = f"{gain.mean():.0f} ± {(hi - lo) / 2:.0f}"
+    line = next(x for x in section.splitlines() if x.startswith("| gymnax/Pendulum-v1 |"))
+    assert line == f"| gymnax/Pendulum-v1 | sac | mlp-ln | regrama | {cell} | {cell} |"
+
+
+def test_brax_tasks_get_the_configured_physics(monkeypatch, tmp_path):
+    """``brax_physics`` reaches brax tasks only; the paper and mujoco presets ask for MuJoCo's
+    own physics (MJX), not brax's spring approximation."""
+    import jaxrl_suite.envs
+    from experiments import grama
+    from experiments.registry import RunContext, UserError
+    from trainkit.run import RunDir
+
+    assert grama.paper().brax_physics == grama.mujoco().brax_physics == "mjx"
+    seen, real_make = {}, jaxrl_suite.envs.make
+
+    def fake_make(name, **kwargs):
+        seen[name] = kwargs
+        if name.startswith("dmc/"):
+            raise ValueError("stop here")
+        return real_make("gymnax/Pendulum-v1")
+
+    monkeypatch.setattr(jaxrl_suite.envs, "make", fake_make)
+    cfg = grama.GramaConfig(tasks=("brax/hopper", "dmc/CartpoleSwingup"), brax_physics="mjx")
+    with pytest.raises(UserError, match="stop here"):
+        grama.run(cfg, RunContext(run_dir=RunDir(tmp_path / "run")))
+    assert seen == {"brax/hopper": {"backend": "mjx"}, "dmc/CartpoleSwingup": {}}
