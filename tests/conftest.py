@@ -56,3 +56,30 @@ def pytest_sessionfinish(session, exitstatus):
             f"error: {len(_device_skips)} sharding tests were skipped for want of simulated "
             f"devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}): {_device_skips[:5]}", red=True)
         session.exitstatus = 1
+
+
+# A test marked ``xla_default`` runs in a child pytest with XLA's default optimisation: for the
+# few in-process tests bound by run time rather than compilation (hundreds of training steps),
+# where optimisation level 0 costs more than it saves. Measured on 2 cores, same load, level 0
+# vs default: attribute classifier 99 vs 61 s, PQN CartPole 85 vs 55 s; the DiT, the code
+# denoiser and the DINO encoder tests gained nothing (37 vs 39, 42 vs 38, 62 vs 74 s).
+# ``--runxfail``: the parent applies the test's xfail marker to the child's outcome.
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if pyfuncitem.get_closest_marker("xla_default") is None or not FAST_COMPILE:
+        return None
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = dict(os.environ, TRAINKIT_TEST_XLA_DEFAULT="1")
+    env.pop("XLA_FLAGS", None)  # this conftest sets the device count again in the child
+    res = subprocess.run([sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-n0", "-q", "-s",
+                          "--runxfail", "-p", "no:cacheprovider"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    sys.stdout.write(res.stdout[-20000:])
+    if res.returncode != 0:
+        pytest.fail(f"failed in a child pytest with XLA's default flags (exit {res.returncode}):\n"
+                    f"{res.stdout[-6000:]}\n{res.stderr[-3000:]}", pytrace=False)
+    return True

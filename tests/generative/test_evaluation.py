@@ -174,6 +174,7 @@ def test_save_grid_reads_back(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_default
 def test_attribute_classifier_held_out_accuracy():
     """Trained on 1000 rendered shapes (400 steps), tested on 300 held-out ones (the test
     split): colour and background are mostly read right, shape kind and size (whose bins cut

@@ -134,6 +134,7 @@ def test_rejects_continuous_actions():
 
 
 @pytest.mark.slow
+@pytest.mark.xla_default
 def test_pqn_learns_cartpole():
     """purejaxql's pqn_cartpole.yaml (5e5 steps) solves CartPole-v1 (Gallici et al. 2024)."""
     env = make("gymnax/CartPole-v1")
