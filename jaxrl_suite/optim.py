@@ -49,7 +49,9 @@ checkpoints through ``trainkit.checkpoint`` restore it exactly, and the V draws 
 ``fold_in(key(seed), count)`` (no key in the state, resume is exact). A factor belongs to one
 axis of one parameter: :func:`factor_partition_specs` gives each factor the mesh axis of its
 parameter's axis (diagonal factors shard exactly with the parameter; triangular ones shard their
-rows), so preconditioners shard with the parameters they precondition. Memory savers:
+rows), so preconditioners shard with the parameters they precondition;
+:func:`kron_state_shardings` gives the whole optimizer state's shardings from the params' (for
+``jit(..., out_shardings=...)``). Memory savers:
 a dimension gets a *diagonal* factor when it is 1, larger than ``max_size_triangular``, when
 ``size^2 > max_skew_triangular * numel`` (a very skewed shape), when the tensor has fewer than
 ``min_ndim_triangular`` axes, or by ``memory_save_mode`` ("one_diag": the largest axis,
@@ -438,7 +440,42 @@ def factor_partition_specs(param_spec: Sequence[Any], shape: Sequence[int],
     return tuple((spec[i],) if diag else (spec[i], None) for i, diag in enumerate(diagonal))
 
 
+def kron_state_shardings(opt_state: Any, param_shardings: Any) -> Any:
+    """The sharding of every leaf of an optimizer state that holds :class:`KronState` (e.g.
+    ``kron()``'s chain), for ``jax.jit(..., out_shardings=...)`` or ``jax.device_put``.
+
+    ``opt_state`` may be abstract (``jax.eval_shape(tx.init, params)``); ``param_shardings`` is
+    a tree like the params of :class:`jax.sharding.NamedSharding`, all on one mesh. In each
+    KronState the momentum ``mu`` shards like the params and each factor like its parameter's
+    axis (:func:`factor_partition_specs`: a 1-D diagonal factor entry for entry, a 2-D
+    triangular one by rows); ``count`` and ``update_counter``, and every leaf of the chain's
+    other states (the scalar counts of optax's schedule and decay states), are replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if not shardings or not all(isinstance(x, NamedSharding) for x in shardings):
+        raise ValueError("param_shardings must be a tree of NamedSharding (one per parameter)")
+    mesh = shardings[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    treedef = jax.tree.structure(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    def of_factors(param: NamedSharding, factors: tuple) -> tuple:
+        spec = tuple(param.spec) + (None,) * max(0, len(factors) - len(param.spec))
+        return tuple(NamedSharding(mesh, PartitionSpec(spec[i]) if q.ndim == 1
+                                   else PartitionSpec(spec[i], None))
+                     for i, q in enumerate(factors))
+
+    def of_kron(state: KronState) -> KronState:
+        qs = [of_factors(p, f) for p, f in zip(shardings, treedef.flatten_up_to(state.Qs))]
+        return KronState(count=replicated, update_counter=replicated,
+                         mu=None if state.mu is None else param_shardings,
+                         Qs=treedef.unflatten(qs))
+
+    return jax.tree.map(lambda x: of_kron(x) if isinstance(x, KronState) else replicated,
+                        opt_state, is_leaf=lambda x: isinstance(x, KronState))
+
+
 __all__ = ["kron", "scale_by_kron", "KronState", "KronConfig", "make_optimizer", "OPTIMIZERS",
            "precond_update_prob_schedule", "factor_kinds", "init_factors", "precondition",
            "precond_fit_step", "norm_lower_bound", "inv_upper_triangular", "balance_factors",
-           "factor_partition_specs"]
+           "factor_partition_specs", "kron_state_shardings"]

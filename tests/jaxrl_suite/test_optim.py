@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxrl_suite.optim import (KronState, balance_factors, factor_kinds, factor_partition_specs,
+                               kron_state_shardings,
                                init_factors, kron, norm_lower_bound, precond_fit_step,
                                precond_update_prob_schedule, precondition)
 
@@ -270,37 +271,41 @@ def test_inv_upper_triangular(n):
 
 
 def test_sharded_params_and_factors_give_the_same_update():
-    """Parameters sharded over a mesh axis, factors placed by factor_partition_specs (tests run
-    on 8 simulated CPU devices): the update equals the single-device one."""
+    """Parameters sharded over a mesh axis, the whole optimizer state placed by
+    kron_state_shardings (tests run on 8 simulated CPU devices): the momentum shards like the
+    parameter, the factors like their parameter's axis, and the update equals the
+    single-device one."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = jax.devices()
     if len(devices) < 4:
-        pytest.skip("needs >= 4 devices")
+        pytest.skip("needs >= 4 (simulated) devices")
     mesh = Mesh(np.array(devices[:4]), ("fsdp",))
     params = {"w": jax.random.normal(jax.random.key(0), (8, 12)),
               "b": jax.random.normal(jax.random.key(1), (12,))}
     grads = jax.tree.map(lambda p: jnp.cos(3.0 * p), params)
-    tx = kron(0.1, preconditioner_update_probability=1.0)
-    update = jax.jit(tx.update)
+    tx = kron(0.1, weight_decay=0.01, preconditioner_update_probability=1.0)
 
-    def two_steps(state, g):
-        u1, state = update(g, state, None)
-        return update(jax.tree.map(lambda x: 0.5 * x, g), state, None)
+    def two_steps(update, state, g, params):
+        u1, state = update(g, state, params)
+        return update(jax.tree.map(lambda x: 0.5 * x, g), state, params)
 
-    ref_u, ref_state = two_steps(tx.init(params), grads)
+    ref_u, ref_state = two_steps(jax.jit(tx.update), tx.init(params), grads, params)
 
-    specs = {"w": ("fsdp", None), "b": (None,)}
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
-    s_grads = {k: put(v, specs[k]) for k, v in grads.items()}
-    state = tx.init(params)
+    param_sh = {"w": NamedSharding(mesh, PartitionSpec("fsdp", None)),
+                "b": NamedSharding(mesh, PartitionSpec())}
+    state_sh = kron_state_shardings(jax.eval_shape(tx.init, params), param_sh)
+    s_params = jax.device_put(params, param_sh)
+    state = jax.jit(tx.init, out_shardings=state_sh)(s_params)
     ks = state[0]
-    qs = {k: tuple(put(q, spec) for q, spec in zip(
-        ks.Qs[k], factor_partition_specs(specs[k], params[k].shape,
-                                         factor_kinds(params[k].shape))))
-          for k in params}
-    assert qs["w"][0].sharding.spec == PartitionSpec("fsdp", None)  # rows of Q_1 sharded
-    state = (ks._replace(Qs=qs),) + tuple(state[1:])
-    u, new_state = two_steps(state, s_grads)
-    for a, b in zip(jax.tree.leaves((ref_u, ref_state)), jax.tree.leaves((u, new_state))):
+    assert ks.Qs["w"][0].sharding.spec == PartitionSpec("fsdp", None)  # rows of Q_1 sharded
+    assert ks.Qs["w"][1].sharding.spec == PartitionSpec(None, None)
+    assert ks.mu["w"].sharding.spec == PartitionSpec("fsdp", None)
+    assert ks.count.sharding.spec == PartitionSpec()
+    update = jax.jit(tx.update, out_shardings=(param_sh, state_sh))
+    u, new_state = two_steps(update, state, jax.device_put(grads, param_sh), s_params)
+    assert new_state[0].Qs["w"][0].sharding.spec == PartitionSpec("fsdp", None)
+    for a, b in zip(jax.tree.leaves((ref_u, ref_state)), jax.tree.leaves((u, new_state)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="NamedSharding"):
+        kron_state_shardings(jax.eval_shape(tx.init, params), {"w": None, "b": None})
