@@ -25,6 +25,7 @@ trains.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -361,12 +362,35 @@ def report(run_dir: RunDir) -> str:
     return str(run_dir.report_path)
 
 
+def _given_model_dir(model_dir: str, key: str) -> Path:
+    """A local HF directory as is; a Hugging Face Hub id (``org/name``, no such local path)
+    through ``huggingface_hub.snapshot_download`` (its cache; the weights, configs and
+    tokenizer files only). Every process resolves it on its own."""
+    path = Path(model_dir)
+    if (path / "config.json").is_file():
+        return path
+    if not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model_dir):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(model_dir, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+        except Exception as err:  # offline, unknown repo, gated model, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"{key}={model_dir}: not a local directory, and fetching it from the "
+                            f"Hugging Face Hub failed ({first}); download it where every process "
+                            "can read it and pass that directory") from None
+    raise UserError(f"{key}={path}: no config.json (expected an HF model dir, e.g. "
+                    "lm_pretrain's model/, or a Hugging Face Hub id)")
+
+
 def pretrained_model_dir(model_dir: str | None, pretrain: LMPretrainConfig, ctx: RunContext, *,
                          key: str = "base.model_dir", subdir: str = "base") -> Path:
     """The HF directory of the LM an experiment starts from (the first stage of the LLM RL
     experiments: the actor of kl_estimators and asyppo, asyppo's mini-critics).
 
-    ``model_dir`` when given (it must hold ``config.json``; the error names ``key``), else
+    ``model_dir`` when given (a directory holding ``config.json``, or a Hugging Face Hub id
+    such as ``Qwen/Qwen2.5-7B``, fetched into the hub's cache; errors name ``key``), else
     ``pretrain`` trained here once as the sub-run ``<run dir>/<subdir>`` (resumed with
     ``ctx.resume``, reused once its summary exists), whose ``model/`` is returned.
 
@@ -375,11 +399,7 @@ def pretrained_model_dir(model_dir: str | None, pretrain: LMPretrainConfig, ctx:
     ``data=-1``: data parallel), process 0 writes ``model/`` and the others get a copy of it
     where their disk lacks it (:func:`trainkit.sharding.mirror_from_main`)."""
     if model_dir:
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise UserError(f"{key}={path}: no config.json (expected an HF model dir, e.g. "
-                            "lm_pretrain's model/)")
-        return path
+        return _given_model_dir(model_dir, key)
     sub = RunDir(ctx.run_dir.path / subdir)
     if not from_main(sub.summary_path.exists()):
         m = pretrain.mesh

@@ -106,3 +106,39 @@ def test_a_given_model_dir_is_used_as_is_or_refused_by_its_key(tmp_path):
                                          key="critic.model_dir", subdir="critic_base")
     # Nothing pretrained when a directory is given.
     assert not (tmp_path / "run" / "base").exists() and not (tmp_path / "run" / "critic_base").exists()
+
+
+def test_a_hub_id_is_fetched_into_the_hub_cache_or_refused_in_one_line(tmp_path, monkeypatch):
+    """``base.model_dir=org/name`` (no such local path) goes through huggingface_hub's
+    snapshot_download; when that fails (offline here) the error names the key and the id.
+    kl_estimators' paper preset starts from the paper's Qwen2.5-7B this way."""
+    import huggingface_hub
+
+    from experiments import kl_estimators, lm_pretrain
+    from experiments.registry import RunContext, UserError
+    from trainkit.run import RunDir
+
+    ctx = RunContext(RunDir(tmp_path / "run"), 1, False)
+    monkeypatch.chdir(tmp_path)  # "Qwen/Qwen2.5-7B" is not a local path here
+    cache = tmp_path / "hub" / "snapshot"
+    cache.mkdir(parents=True)
+    asked = []
+
+    def fake_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs["allow_patterns"]))
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert kl_estimators.paper().base.model_dir == "Qwen/Qwen2.5-7B"
+    got = lm_pretrain.pretrained_model_dir("Qwen/Qwen2.5-7B", lm_pretrain.smoke(), ctx)
+    assert got == cache and asked[0][0] == "Qwen/Qwen2.5-7B" and "*.safetensors" in asked[0][1]
+
+    def offline(repo_id, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match=r"^base\.model_dir=Qwen/Qwen2\.5-7B: not a local directory, "
+                                        r"and fetching it .*couldn't connect") as err:
+        lm_pretrain.pretrained_model_dir("Qwen/Qwen2.5-7B", lm_pretrain.smoke(), ctx)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "base").exists()  # nothing pretrained
