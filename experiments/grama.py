@@ -47,6 +47,7 @@ from trainkit.run import (
     final_metrics,
     is_main_process,
     read_metrics,
+    seed_series,
     write_json,
 )
 from trainkit.sharding import seed_sharding
@@ -263,18 +264,10 @@ def _grid(cfg: GramaConfig):
             for r in cfg.resets]
 
 
-def _series(rows, key):
-    """``(steps, values [seeds, N])`` of ``key`` over the metrics rows that log it."""
-    rows = [r for r in rows if key in r]
-    steps = [r["step"] for r in rows]
-    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])  # [N, seeds]
-    return steps, values.T
-
-
 def per_seed_final(rows, key: str, window: int) -> np.ndarray | None:
     """``[seeds]``: each seed's mean of ``key`` over the last ``window`` rows that log it
     (NaN rows, chunks without a health report, left out), or None if it was never logged."""
-    steps, values = _series(rows, key)
+    steps, values = seed_series(rows, key)
     if not steps:
         return None
     with warnings.catch_warnings():  # a seed whose window holds only NaN gives NaN, quietly
@@ -339,7 +332,7 @@ def report(run_dir: RunDir) -> str:
                     for reset in cfg.resets:
                         sub = run_dir.path / "configs" / _name(task, critic, reset, agent)
                         if (sub / "metrics.jsonl").exists():
-                            steps, values = _series(log_rows(sub), key)
+                            steps, values = seed_series(log_rows(sub), key)
                             if steps:
                                 curves[f"{critic}/{reset}"] = ([s * chunk for s in steps], values)
                 if curves:

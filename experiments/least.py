@@ -34,7 +34,7 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
+from trainkit.run import RunDir, is_main_process, read_json, read_metrics, seed_series, write_json
 from trainkit.sharding import seed_sharding, to_host
 
 AGENTS = ("sac", "td3")
@@ -255,14 +255,6 @@ def run(cfg: LeastExperimentConfig, ctx: RunContext) -> RunResult:
 # --- report -------------------------------------------------------------------------------------
 
 
-def _series(sub, key):
-    """(chunk indices [N], values [seeds, N]) of one logged metric."""
-    rows = [r for r in read_metrics(sub / "metrics.jsonl") if key in r]
-    steps = [r["step"] for r in rows]
-    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])
-    return steps, values.T
-
-
 def return_threshold(off_returns: np.ndarray, fraction: float, final_evals: int) -> float:
     """The sample-efficiency threshold, fixed from the LEAST-off arm alone: its final return
     ``R`` (mean over seeds of the last ``final_evals`` evaluations) less ``(1 - fraction) |R|``,
@@ -345,7 +337,7 @@ def report(run_dir: RunDir) -> str:
                 sub = run_dir.path / "configs" / _name(task, agent, variant)
                 if not (sub / "metrics.jsonl").exists():
                     continue
-                steps, values = _series(sub, "eval_return")
+                steps, values = seed_series(read_metrics(sub / "metrics.jsonl"), "eval_return")
                 if not steps:
                     continue
                 env_steps = np.asarray(steps, np.float64) * chunk

@@ -54,7 +54,7 @@ from experiments.registry import Experiment, RunContext, RunResult, UserError
 from trainkit import plots
 from trainkit.config import Config, field, load_json
 from trainkit.loop import LoopSettings, fit
-from trainkit.run import RunDir, is_main_process, read_json, read_metrics, write_json
+from trainkit.run import RunDir, is_main_process, read_json, read_metrics, seed_series, write_json
 from trainkit.sharding import from_main, seed_sharding, to_host
 
 VARIANTS = ("mlp", "multiskip", "multiskip_kron")
@@ -475,13 +475,6 @@ def _rl_summary(sub: RunDir) -> dict:
 # --- report ---------------------------------------------------------------------------------
 
 
-def _series(path, key):
-    rows = [r for r in read_metrics(path) if key in r]
-    steps = [r["step"] for r in rows]
-    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])
-    return steps, values.T  # [seeds, N]
-
-
 def _rl_report(run_dir: RunDir, cfg: StableGradientsConfig, agent: str):
     """One agent's table and plots: return vs size, return curves, gradient norm by layer."""
     configs = run_dir.path / "configs"
@@ -514,7 +507,7 @@ def _rl_report(run_dir: RunDir, cfg: StableGradientsConfig, agent: str):
                          avg(f"grad/cos/{order[0]}"), avg(f"{health}dormant/all"),
                          avg(f"{health}srank"), avg(f"{hess}hessian_top_eig"),
                          avg("churn/repr_relative"), avg(churn_key)])
-            steps, values = _series(sub / "metrics.jsonl", "episode_return")
+            steps, values = seed_series(read_metrics(sub / "metrics.jsonl"), "episode_return")
             env_steps = [st * cfg.batch_size(agent) for st in steps]
             curves_by_size.setdefault(size_labels[i], {})[variant] = (env_steps, values)
             if i == len(sizes) - 1:

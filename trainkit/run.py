@@ -206,6 +206,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def seed_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], np.ndarray]:
+    """``(steps [N], values [seeds, N])`` of ``key`` over the metrics rows that log it; a row's
+    value is one number or a list with one per vmapped seed (a number is one seed)."""
+    rows = [r for r in rows if key in r]
+    steps = [r["step"] for r in rows]
+    values = np.asarray([np.atleast_1d(np.asarray(r[key], np.float64)) for r in rows])  # [N, seeds]
+    return steps, values.T
+
+
 def _scalar_or_list(value: Any) -> Any:
     arr = np.asarray(value)
     if arr.ndim == 0:

@@ -108,3 +108,15 @@ def test_plots_write_png(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = plots.markdown_table([["a", 1.23456], ["b", 2]], ["name", "value"])
     assert table.splitlines()[2] == "| a | 1.235 |"
+
+
+def test_seed_series_reads_one_metric_per_seed_from_the_rows_that_log_it():
+    from trainkit.run import seed_series
+
+    rows = [{"step": 1, "a": [1.0, 2.0]}, {"step": 2, "b": 5.0}, {"step": 3, "a": [3.0, 4.0]}]
+    steps, values = seed_series(rows, "a")
+    assert steps == [1, 3]
+    np.testing.assert_array_equal(values, [[1.0, 3.0], [2.0, 4.0]])  # [seeds, N]
+    steps, values = seed_series(rows, "b")  # a number is one seed
+    assert steps == [2] and values.shape == (1, 1)
+    assert seed_series(rows, "c")[0] == []
