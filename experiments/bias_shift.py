@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 import time
 from typing import Any, Callable
 
@@ -64,7 +63,7 @@ from generative import vae as vae_lib
 from trainkit import plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.run import RunDir, is_main_process, read_json, write_json
-from trainkit.sharding import from_main, make_mesh
+from trainkit.sharding import make_mesh
 
 STAGES = ("data", "readers", "generators", "eval")
 GENERATORS = ("dit_small", "dit_large", "vae")
@@ -358,47 +357,12 @@ def exact_labels(cfg: BiasShiftConfig, data: dict, split: str) -> dict[str, np.n
 # --- stage storage ------------------------------------------------------------------------------
 
 
-class Stages:
-    """Stage outputs under ``<run>/checkpoints/<stage>/`` (``arrays.npz``, ``params.pkl``,
-    ``info.json``, ``done.json`` last); with ``resume`` finished stages are loaded."""
+def Stages(run_dir: RunDir, resume: bool):
+    """This experiment's stage store, ``<run>/checkpoints/<stage>/``
+    (:class:`trainkit.checkpoint.StageStore`)."""
+    from trainkit.checkpoint import StageStore
 
-    def __init__(self, run_dir: RunDir, resume: bool):
-        self.root, self.resume = run_dir.checkpoints_dir, resume
-        self.seconds: dict[str, float] = {}
-
-    def load(self, name: str):
-        from trainkit.checkpoint import read_stage
-
-        return read_stage(self.root / name)
-
-    def run(self, name: str, fn: Callable[[], tuple]):
-        """Load stage ``name`` if it is done (``--resume``; as process 0 sees it, on storage
-        every process reaches), else compute ``fn()`` (every process) and save (process 0)."""
-        d = self.root / name
-        if from_main(bool(self.resume and (d / "done.json").exists())):
-            print(f"bias_shift: stage {name}: done, loaded", flush=True)
-            self.seconds[name] = read_json(d / "done.json")["seconds"]
-            return self.load(name)
-        print(f"bias_shift: stage {name} ...", flush=True)
-        t0 = time.time()
-        arrays, params, info = fn()
-        seconds = round(time.time() - t0, 1)
-        self.seconds[name] = seconds
-        if not is_main_process():
-            return arrays or {}, params, info or {}
-        d.mkdir(parents=True, exist_ok=True)
-        if arrays:
-            np.savez_compressed(d / "arrays.npz", **arrays)
-        if params is not None:
-            with open(d / "params.pkl", "wb") as fh:
-                pickle.dump(params, fh)
-        write_json(d / "info.json", info or {})
-        write_json(d / "done.json", {"stage": name, "seconds": seconds})
-        from trainkit.checkpoint import fault_point  # (orbax: imported only here)
-
-        fault_point()  # the reliability sweep's kill point (a no-op unless asked)
-        print(f"bias_shift: stage {name}: {seconds} s", flush=True)
-        return arrays or {}, params, info or {}
+    return StageStore(run_dir.checkpoints_dir, resume, "bias_shift")
 
 
 def _pure(model: nnx.Module) -> Any:

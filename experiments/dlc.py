@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pickle
 import time
 from typing import Any, Callable
 
@@ -88,7 +87,7 @@ from generative.sem import SEMConfig
 from trainkit import guards, plots
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.run import Progress, RunDir, is_main_process, read_json, write_json
-from trainkit.sharding import from_main, local_replica, make_mesh, replicate, spread_batch, to_host
+from trainkit.sharding import local_replica, make_mesh, replicate, spread_batch, to_host
 
 STAGES = ("data", "classifier", "sem", "dit", "codes", "samples", "eval")
 SAMPLE_SETS = ("uncond", "prior", "recon", "compose", "text")
@@ -401,60 +400,12 @@ def _restore(make: Callable[[nnx.Rngs], nnx.Module], pure: Any) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
-class Stages:
-    """Stage outputs under ``<run>/checkpoints/<stage>/``: ``arrays.npz``, ``params.pkl`` (pure
-    dicts of numpy arrays), ``info.json`` and, written last, ``done.json``."""
+def Stages(run_dir: RunDir, resume: bool):
+    """This experiment's stage store, ``<run>/checkpoints/<stage>/``
+    (:class:`trainkit.checkpoint.StageStore`)."""
+    from trainkit.checkpoint import StageStore
 
-    def __init__(self, run_dir: RunDir, resume: bool):
-        self.root = run_dir.checkpoints_dir
-        self.resume = resume
-        self.log: dict[str, str] = {}
-
-    def done(self, name: str) -> bool:
-        """Whether stage ``name`` finished, as process 0 sees it (the checkpoint directory is on
-        storage every process reaches, docs/scaling.md)."""
-        return from_main(bool(self.resume and (self.root / name / "done.json").exists()))
-
-    def save(self, name: str, arrays: dict | None = None, params: Any = None,
-             info: dict | None = None, seconds: float = 0.0) -> None:
-        """Write the stage (process 0; every process computed the same outputs)."""
-        if not is_main_process():
-            return
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
-        if arrays is not None:
-            np.savez_compressed(d / "arrays.npz", **arrays)
-        if params is not None:
-            with open(d / "params.pkl.tmp", "wb") as fh:
-                pickle.dump(params, fh)
-            (d / "params.pkl.tmp").replace(d / "params.pkl")
-        write_json(d / "info.json", info or {})
-        write_json(d / "done.json", {"stage": name, "seconds": round(seconds, 1)})
-        from trainkit.checkpoint import fault_point  # (orbax: imported only here)
-
-        fault_point()  # the reliability sweep's kill point (a no-op unless asked)
-
-    def load(self, name: str) -> tuple[dict, Any, dict]:
-        from trainkit.checkpoint import read_stage
-
-        return read_stage(self.root / name)
-
-    def run(self, name: str, fn: Callable[[], tuple[dict | None, Any, dict | None]]
-            ) -> tuple[dict, Any, dict]:
-        """Load stage ``name`` if it is done (``--resume``), else compute ``fn()`` and save."""
-        if self.done(name):
-            print(f"dlc: stage {name}: done, loaded (skipped)", flush=True)
-            self.log[name] = "skipped"
-            return self.load(name)
-        print(f"dlc: stage {name} ...", flush=True)
-        t0 = time.time()
-        arrays, params, info = fn()
-        seconds = time.time() - t0
-        info = dict(info or {}, seconds=round(seconds, 1))
-        self.save(name, arrays, params, info, seconds)
-        print(f"dlc: stage {name}: {seconds:.1f} s", flush=True)
-        self.log[name] = "ran"
-        return arrays or {}, params, info
+    return StageStore(run_dir.checkpoints_dir, resume, "dlc")
 
 
 # --- stages -----------------------------------------------------------------------------------

@@ -249,6 +249,73 @@ def read_stage(directory: str | Path) -> tuple[dict, Any, dict]:
     return arrays, params, info
 
 
+class StageStore:
+    """The stage store of a multi-stage experiment (dlc, bias_shift): each stage's outputs under
+    ``<root>/<stage>/`` as ``arrays.npz`` (numpy arrays), ``params.pkl`` (pure dicts of numpy
+    arrays), ``info.json`` and, written last, ``done.json`` (``{"stage", "seconds"}``).
+
+    :meth:`run` loads a finished stage when resuming and computes it otherwise. Several
+    processes: every process computes a stage, process 0 alone writes it, and whether it is
+    done is decided by what process 0 sees (the directory is on storage every process
+    reaches, docs/scaling.md). ``log`` holds ``"ran"`` / ``"skipped"`` per stage, ``seconds``
+    the seconds each took (as recorded when it ran)."""
+
+    def __init__(self, root: str | Path, resume: bool, label: str):
+        self.root, self.resume, self.label = Path(root), resume, label
+        self.log: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> bool:
+        from trainkit.sharding import from_main
+
+        return from_main(bool(self.resume and (self.root / name / "done.json").exists()))
+
+    def load(self, name: str) -> tuple[dict, Any, dict]:
+        return read_stage(self.root / name)
+
+    def save(self, name: str, arrays: dict | None, params: Any, info: dict | None,
+             seconds: float) -> None:
+        """Write the stage (process 0; every process computed the same outputs)."""
+        import pickle
+
+        from trainkit.run import is_main_process, write_json
+
+        if not is_main_process():
+            return
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        if arrays:
+            np.savez_compressed(d / "arrays.npz", **arrays)
+        if params is not None:
+            with open(d / "params.pkl.tmp", "wb") as fh:
+                pickle.dump(params, fh)
+            (d / "params.pkl.tmp").replace(d / "params.pkl")
+        write_json(d / "info.json", info or {})
+        write_json(d / "done.json", {"stage": name, "seconds": seconds})
+        fault_point()  # the reliability sweep's kill point (a no-op unless asked)
+
+    def run(self, name: str, fn) -> tuple[dict, Any, dict]:
+        """``(arrays, params, info)`` of stage ``name``: loaded if it is done (``--resume``),
+        else ``fn()`` computed and saved."""
+        import time
+
+        from trainkit.run import read_json
+
+        if self.done(name):
+            print(f"{self.label}: stage {name}: done, loaded (skipped)", flush=True)
+            self.log[name] = "skipped"
+            self.seconds[name] = read_json(self.root / name / "done.json")["seconds"]
+            return self.load(name)
+        print(f"{self.label}: stage {name} ...", flush=True)
+        t0 = time.time()
+        arrays, params, info = fn()
+        seconds = round(time.time() - t0, 1)
+        self.save(name, arrays, params, info, seconds)
+        print(f"{self.label}: stage {name}: {seconds} s", flush=True)
+        self.log[name], self.seconds[name] = "ran", seconds
+        return arrays or {}, params, info or {}
+
+
 def load_numpy(run_checkpoints_dir: str | Path, step: int | None = None) -> tuple[int, Any]:
     """Read a saved train state as nested dicts of numpy arrays, on any topology (a state
     saved by 2 hosts or 8 devices reads on one CPU). For inspection, export and tests; to
