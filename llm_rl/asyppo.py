@@ -476,8 +476,9 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
     those shardings (jit ``out_shardings``), the reference policy is placed like the actor and
     each rollout batch is split over the mesh's batch axes (``data`` x ``fsdp``; replicated
     when B is not a multiple of their size, which several processes refuse). With several
-    processes each samples and grades the whole batch from its own copy of the policy and
-    uploads its rows (:func:`llm_rl.rl.rollout_placement`). ``None``: one device, as before."""
+    processes each samples and grades only its rows of the batch, from its own copy of the
+    policy, and uploads them (:func:`llm_rl.rl.rollout_placement`, :func:`llm_rl.rl.rollout`'s
+    ``rows``). ``None``: one device, as before."""
     s = settings
     M = s.num_critics
     assignment = jnp.asarray(critic_assignment(s.num_prompts, s.group_size, M))  # [M, B]
@@ -598,7 +599,8 @@ def make_iteration(policy_graphdef, ref_params, critic_graphdef,
             rows = []
             for _ in range(n):
                 step = int(state.step)
-                r = rollout(policy_graphdef, local_replica(state.params), tokenizer, run_settings, step)
+                r = rollout(policy_graphdef, local_replica(state.params), tokenizer, run_settings,
+                            step, rows=place_batch.rows)
                 start = time.perf_counter()
                 state, metrics = update(state, *place_batch(r.sequences, r.seq_mask,
                                                             r.behavior_logp, r.resp_mask,

@@ -121,17 +121,25 @@ class Rollout(NamedTuple):
     texts: list
 
 
-def rollout(graphdef, behavior_params, tokenizer, settings: "RLSettings", step: int) -> Rollout:
-    """Sample ``group_size`` answers to each of the step's problems and grade them."""
+def rollout(graphdef, behavior_params, tokenizer, settings: "RLSettings", step: int,
+            rows: np.ndarray | None = None) -> Rollout:
+    """Sample ``group_size`` answers to each of the step's problems and grade them: the batch
+    of ``num_prompts x group_size`` rows, problem-major. ``rows`` (indices into that batch):
+    only those rows, sampled and graded exactly as in the whole batch (every row draws from its
+    own random stream, :func:`llm_rl.sampling.generate`'s ``row_ids``, and the prompts are
+    padded to the whole batch's width), which is how a multi-process run divides sampling."""
     s = settings
     problems = sample_problems(s, step)
     repeated = [p for p in problems for _ in range(s.group_size)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in repeated],
                                              pad_to_multiple=PROMPT_BUCKET)
+    rows = np.arange(len(repeated)) if rows is None else np.asarray(rows)
+    prompt_ids, prompt_mask = np.asarray(prompt_ids)[rows], np.asarray(prompt_mask)[rows]
+    repeated = [repeated[i] for i in rows]
     out = generate(nnx.merge(graphdef, behavior_params), prompt_ids, prompt_mask,
                    jax.random.key(s.seed * 1_000_003 + step), max_new_tokens=s.max_new_tokens,
                    temperature=s.temperature, eos_ids=(tokenizer.eos_token_id,),
-                   pad_id=tokenizer.pad_token_id)
+                   pad_id=tokenizer.pad_token_id, row_ids=rows)
     texts = tokenizer.batch_decode(np.asarray(out.tokens), skip_special_tokens=True)
     rewards = np.asarray([tasks.grade(t, p) for t, p in zip(texts, repeated)], np.float32)
     sequences = jnp.concatenate([jnp.asarray(prompt_ids), out.tokens], axis=1)
@@ -140,12 +148,18 @@ def rollout(graphdef, behavior_params, tokenizer, settings: "RLSettings", step: 
 
 
 def rollout_placement(mesh, rows: int) -> Callable[..., tuple]:
-    """``place(*arrays)``: a rollout's [rows, ...] arrays as global arrays split over the
-    batch axes (``data`` x ``fsdp``) of ``mesh``, each process uploading only its rows of the
-    batch it sampled. ``mesh=None``: the arrays as they are (one device). ``ValueError`` when
-    ``rows`` is not a multiple of the mesh's batch devices."""
+    """``place(*arrays)``: the arrays of this process's rows of a rollout batch of ``rows``
+    rows (``place.rows``, their indices in the batch: pass them to :func:`rollout`) as global
+    arrays split over the batch axes (``data`` x ``fsdp``) of ``mesh``, each process uploading
+    only the rows it sampled. ``mesh=None``: ``place.rows`` is None (the whole batch) and the
+    arrays stay as they are (one device). ``ValueError`` when ``rows`` is not a multiple of
+    the mesh's batch devices."""
     if mesh is None:
-        return lambda *xs: xs
+        def place(*xs):
+            return xs
+
+        place.rows = None
+        return place
     sharding = batch_sharding(mesh)
     parts = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if rows % parts and jax.process_count() == 1:
@@ -153,12 +167,13 @@ def rollout_placement(mesh, rows: int) -> Callable[..., tuple]:
     elif rows % parts:
         raise ValueError(f"a rollout batch of {rows} rows (prompts x group size) cannot be split "
                          f"over the {parts} data-parallel devices; use a multiple")
-    mine = process_batch_slice(sharding, (rows,))
+    mine = np.arange(rows)[process_batch_slice(sharding, (rows,))]
 
     def place(*xs):
-        return make_global_batch(tuple(np.asarray(x)[mine] for x in xs), sharding,
-                                 tuple(np.shape(x) for x in xs))
+        return make_global_batch(tuple(np.asarray(x) for x in xs), sharding,
+                                 tuple((rows, *np.shape(x)[1:]) for x in xs))
 
+    place.rows = mine
     return place
 
 
@@ -169,10 +184,11 @@ def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation
     ``mesh`` (several devices or processes): the state (place it with
     ``jax.device_put(state, replicated(mesh))``) and the reference stay replicated on it and
     each update's batch is split over its batch axes, so the gradient is reduced over every
-    device of every process. Every process samples and grades the whole batch itself, from its
-    own copy of the behaviour parameters (:func:`trainkit.sharding.local_replica`), exactly as
-    one process would, and uploads only its rows (:func:`rollout_placement`): sampling is not
-    divided. ``None``: one device."""
+    device of every process. Every process samples and grades only its rows of the batch
+    (:func:`rollout_placement`), from its own copy of the behaviour parameters
+    (:func:`trainkit.sharding.local_replica`), each row from its own random stream, so the
+    processes divide the sampling and together draw the tokens one process would.
+    ``None``: one device."""
     s = settings
     place = rollout_placement(mesh, s.num_prompts * s.group_size)
     if mesh is not None:
@@ -227,7 +243,7 @@ def make_iteration(graphdef, ref_params, optimizer: optax.GradientTransformation
         rows = []
         for _ in range(n):
             behavior = local_replica(state.stale[0] if s.staleness > 0 else state.params)
-            r = rollout(graphdef, behavior, tokenizer, s, int(state.step))
+            r = rollout(graphdef, behavior, tokenizer, s, int(state.step), rows=place.rows)
             state, metrics = update(state, ref_params, *place(r.sequences, r.seq_mask,
                                                               r.behavior_logp, r.resp_mask,
                                                               r.rewards))

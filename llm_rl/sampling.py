@@ -28,6 +28,13 @@ drawn from the renormalised result and ``logprobs`` holds its log-probability un
 that distribution (what PPO's old-policy ratio needs). With ``greedy=True`` the argmax of the
 raw logits is taken and ``logprobs`` is the log-softmax of the raw logits at that token.
 
+Random streams: by default step ``t`` draws every row's token from ``fold_in(key, t)`` (one
+draw over the batch). With ``row_ids`` (an int per row), row ``i`` draws from
+``fold_in(fold_in(key, t), row_ids[i])``: a row's tokens then do not depend on which other rows
+share its batch, so a batch can be divided among processes, each sampling its rows under their
+indices in the whole batch, and give the tokens one process sampling all of it would
+(:func:`llm_rl.rl.rollout` does this).
+
 After a row emits an EOS id it is finished: later tokens are ``pad_id`` with mask 0 (the EOS
 itself has mask 1). Decoding stops early once every row has finished.
 """
@@ -131,11 +138,13 @@ def _check(temperature, top_k, top_p, max_new_tokens):
 def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_ids: Sequence[int] = (),
-             pad_id: int = 0, bucket: bool = True) -> GenerationOutput:
+             pad_id: int = 0, bucket: bool = True,
+             row_ids: Sequence[int] | np.ndarray | None = None) -> GenerationOutput:
     """Sample continuations of left-padded prompts (see the module docstring). ``model`` is a
     :class:`~llm_rl.models.layers.CausalLM`; the work runs in one jitted function of its
     parameters, compiled once per batch size, prompt bucket (:func:`bucket_width`; the exact
-    width with ``bucket=False``), ``max_new_tokens`` and setting."""
+    width with ``bucket=False``), ``max_new_tokens`` and setting. ``row_ids``: one random
+    stream per row (module docstring)."""
     _check(temperature, top_k, top_p, max_new_tokens)
     graphdef, params = nnx.split(model)
     # Padded on the host (numpy): an eager jnp.pad would itself compile once per width.
@@ -147,13 +156,22 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Arra
         extra = ((0, 0), (bucket_width(prompt_ids.shape[1]) - prompt_ids.shape[1], 0))
         prompt_ids = np.pad(prompt_ids, extra, constant_values=int(pad_id))
         prompt_mask = np.pad(prompt_mask, extra)
-    return _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, float(temperature),
-                     top_k, top_p, bool(greedy), tuple(int(e) for e in eos_ids), int(pad_id))
+    per_row = row_ids is not None
+    if per_row:
+        row_ids = np.asarray(row_ids, np.int32)
+        if row_ids.shape != prompt_ids.shape[:1]:
+            raise ValueError(f"row_ids has shape {row_ids.shape}; one id per prompt row "
+                             f"({prompt_ids.shape[0]}) is needed")
+    else:
+        row_ids = np.zeros(prompt_ids.shape[:1], np.int32)  # unused
+    return _generate(graphdef, params, prompt_ids, prompt_mask, key, row_ids, max_new_tokens,
+                     float(temperature), top_k, top_p, bool(greedy),
+                     tuple(int(e) for e in eos_ids), int(pad_id), per_row)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
-def _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_k,
-              top_p, greedy, eos_ids, pad_id) -> GenerationOutput:
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12, 13))
+def _generate(graphdef, params, prompt_ids, prompt_mask, key, row_ids, max_new_tokens, temperature,
+              top_k, top_p, greedy, eos_ids, pad_id, per_row) -> GenerationOutput:
     model = nnx.merge(graphdef, params)
     b, p = prompt_ids.shape
     n = max_new_tokens
@@ -170,7 +188,11 @@ def _generate(graphdef, params, prompt_ids, prompt_mask, key, max_new_tokens, te
             logp_all = jax.nn.log_softmax(logits_last.astype(jnp.float32), axis=-1)
         else:
             logp_all = process_logits(logits_last, temperature, top_k, top_p)
-            token = jax.random.categorical(step_key, logp_all, axis=-1).astype(jnp.int32)
+            if per_row:  # each row its own stream, whatever else is in the batch
+                keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids)
+                token = jax.vmap(jax.random.categorical)(keys, logp_all).astype(jnp.int32)
+            else:
+                token = jax.random.categorical(step_key, logp_all, axis=-1).astype(jnp.int32)
         return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
     class Carry(NamedTuple):

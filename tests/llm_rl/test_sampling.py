@@ -116,6 +116,30 @@ def test_empirical_first_token_frequencies_match_the_distribution():
     assert np.abs(no_top_k - want).max() > 3 * tolerance
 
 
+def test_per_row_streams_give_a_row_the_same_tokens_in_any_batch():
+    """With ``row_ids`` each row draws from its own stream: rows sampled in two halves under
+    their whole-batch indices (as two processes would) equal the whole batch sampled at once,
+    while the streams differ between rows and from the one-draw-per-batch default."""
+    model, cfg = _model()
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 5.0  # spread the logits
+    ids = jnp.tile(_prompts(cfg.vocab_size)[0], (4, 1))  # 12 rows, every prompt 4 times
+    mask = jnp.tile(_prompts(cfg.vocab_size)[1], (4, 1))
+    kw = dict(max_new_tokens=6, temperature=1.0)
+    rows = np.arange(12)
+    whole = generate(model, ids, mask, jax.random.key(4), row_ids=rows, **kw)
+    first = generate(model, ids[:6], mask[:6], jax.random.key(4), row_ids=rows[:6], **kw)
+    rest = generate(model, ids[6:], mask[6:], jax.random.key(4), row_ids=rows[6:], **kw)
+    np.testing.assert_array_equal(np.concatenate([first.tokens, rest.tokens]), whole.tokens)
+    np.testing.assert_allclose(np.concatenate([first.logprobs, rest.logprobs]), whole.logprobs,
+                               atol=1e-5)
+    # the same prompt in rows 0, 3, 6, 9 gets different samples: one stream per row
+    assert len({tuple(np.asarray(whole.tokens[i])) for i in (0, 3, 6, 9)}) > 1
+    default = generate(model, ids, mask, jax.random.key(4), **kw)
+    assert not np.array_equal(default.tokens, whole.tokens)
+    with pytest.raises(ValueError, match="one id per prompt row"):
+        generate(model, ids, mask, jax.random.key(4), row_ids=rows[:3], **kw)
+
+
 def test_bad_settings():
     model, cfg = _model()
     ids, mask = _prompts(cfg.vocab_size)
