@@ -117,7 +117,7 @@ def mujoco() -> GramaConfig:
     the DeepMind Control Suite's cartpole swing-up (MJX), plain and LayerNorm critics, no reset
     vs ReGraMa, 10k env steps each at width 128. SAC is far from solving hopper at 10k steps;
     what this preset shows is how the two inactivity metrics behave on these tasks. (Until
-    2026-12-07 hopper ran on brax's ``spring`` approximation, which is not MuJoCo; the results
+    2026-12-06 hopper ran on brax's ``spring`` approximation, which is not MuJoCo; the results
     doc's hopper rows are those. DMC cheetah-run took ~2 min per 1000 single-env steps here,
     4x hopper: ``paper`` has it.)"""
     return GramaConfig(tasks=("brax/hopper", "dmc/CartpoleSwingup"), brax_physics="mjx",

@@ -199,9 +199,9 @@ def evaluation_problems(cfg: KLEstimatorsConfig, seeds: int) -> tuple[list, list
 
 def update_mesh(r) -> "jax.sharding.Mesh | None":
     """The mesh RL updates split their batch over: every device with several processes (each
-    process samples its rows of the batch, llm_rl.rl.make_iteration), None (one device) with one. ``r``: an
-    RL config with ``num_prompts`` and ``group_size`` (kl_estimators', asyppo's); a batch that
-    does not divide over the devices is a :class:`UserError`."""
+    process samples its rows of the batch, llm_rl.rl.make_iteration), None (one device) with
+    one. ``r``: an RL config with ``num_prompts`` and ``group_size`` (kl_estimators',
+    asyppo's); a batch that does not divide over the devices is a :class:`UserError`."""
     if jax.process_count() == 1:
         return None
     rows = r.num_prompts * r.group_size
