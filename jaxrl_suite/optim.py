@@ -460,10 +460,10 @@ def kron_state_shardings(opt_state: Any, param_shardings: Any) -> Any:
     treedef = jax.tree.structure(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
     def of_factors(param: NamedSharding, factors: tuple) -> tuple:
-        spec = tuple(param.spec) + (None,) * max(0, len(factors) - len(param.spec))
-        return tuple(NamedSharding(mesh, PartitionSpec(spec[i]) if q.ndim == 1
-                                   else PartitionSpec(spec[i], None))
-                     for i, q in enumerate(factors))
+        # one factor per parameter axis (a scalar's single factor: the same specs either way)
+        specs = factor_partition_specs(param.spec, [q.shape[0] for q in factors],
+                                       [q.ndim == 1 for q in factors])
+        return tuple(NamedSharding(mesh, PartitionSpec(*spec)) for spec in specs)
 
     def of_kron(state: KronState) -> KronState:
         qs = [of_factors(p, f) for p, f in zip(shardings, treedef.flatten_up_to(state.Qs))]
