@@ -18,6 +18,11 @@ accuracy of conditioned samples, and image grids.
 
   computed with symmetric eigendecompositions (``Tr (S_a^{1/2} S_b S_a^{1/2})^{1/2}
   = Tr (S_a S_b)^{1/2}`` without a non-symmetric matrix square root).
+* **Uncertainty of a comparison** (:func:`frechet_difference_ci`): the difference
+  ``FD(R, A) - FD(R, B)`` of two sets against one reference, with a basic bootstrap interval
+  that resamples R, A and B independently. No interval is offered for one FD alone: at the
+  sizes used here (128-d features, a few hundred images) the estimate's bias is larger than its
+  spread and the bootstrap adds more of it (see the function).
 * **Precision and recall** (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
   Assessing Generative Models", arXiv 1904.06991, eq. 1-3): each set's manifold is the union of
   balls around its points with radius the distance to the point's k-th nearest neighbour in
@@ -380,6 +385,29 @@ def feature_frechet_distance(feats_a: Any, feats_b: Any) -> float:
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature sizes differ: {mu_a.shape[0]} and {mu_b.shape[0]}")
     return gaussian_frechet_distance(mu_a, cov_a, mu_b, cov_b)
+
+
+def frechet_difference_ci(ref: Any, feats_a: Any, feats_b: Any, *, num_resamples: int = 1000,
+                          confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``(d, low, high)`` with ``d = FD(ref, a) - FD(ref, b)`` (:func:`feature_frechet_distance`)
+    and a basic bootstrap interval (:func:`trainkit.stats.multi_sample_bootstrap_ci`) that
+    resamples the rows of ``ref``, ``a`` and ``b`` independently: the sampling noise of the
+    three finite sets, for one trained model (seeds are a separate, outer interval).
+
+    Why a difference and not one FD: the plug-in FD is biased upward by a term that grows like
+    ``F^2 / N`` (Chong & Forsyth 2020, "Effectively Unbiased FID", arXiv 1911.07023), and a
+    resample with repeated rows adds more of it. Gaussian oracle, 128-d, N = 400 per set
+    (measured once, 2026-12-06): true FD 33.95, estimate 57.64, bootstrap percentile interval
+    [75.2, 80.7]: it does not come near the truth. The bias mostly cancels in a difference of
+    two sets against the same reference: true difference -12.84, estimates -13.97 +- 1.19
+    (mean +- sd over 20 draws), the basic interval covered the truth in 20 of 20 draws, the
+    percentile interval in 18. ``tests/generative/test_evaluation.py`` checks coverage."""
+    from trainkit.stats import multi_sample_bootstrap_ci
+
+    ref, a, b = (np.asarray(x, np.float64) for x in (ref, feats_a, feats_b))
+    return multi_sample_bootstrap_ci(
+        (ref, a, b), lambda r, x, y: feature_frechet_distance(r, x) - feature_frechet_distance(r, y),
+        method="basic", num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
 # --- precision / recall ------------------------------------------------------------------------

@@ -170,7 +170,12 @@ def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, tmp_path_factory):
         if "(d)" not in title and "(e)" not in title:
             assert f"| {title} |" in report, title
     assert D.FD_NAME in report
-    assert "At equal compute, DLC conditioning" in report
+    assert "Samples from codes drawn from the MDLM prior (the paper's claim) are **" in report
+    assert "| A - B | FD difference | 95% interval | A is |" in report
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    for pair in ("prior-uncond", "recon-uncond", "recon-prior"):
+        d, low, high = (final[f"fd_difference/{pair}/{k}"] for k in ("diff", "low", "high"))
+        assert low <= d <= high, (pair, d, low, high)
     assert "Text-to-image on held-out" in report and "kNN" in report
     for name in ("real", *D.SAMPLE_SETS):
         assert (run_dir / "plots" / f"grid_{name}.png").stat().st_size > 0
@@ -183,7 +188,7 @@ def test_dlc_smoke_end_to_end_and_stage_resume(tmp_path, tmp_path_factory):
         assert key in metrics, key
     for key, v in metrics.items():
         assert math.isfinite(v), (key, v)
-        if not key.endswith("/fd"):
+        if not key.endswith("/fd") and not key.startswith("fd_difference/"):
             assert 0.0 <= v <= 1.0, (key, v)
     stage_files = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
 
@@ -206,13 +211,20 @@ def _dist(uncond, prior, recon=250.0, real=10.0):
     return {"uncond": one(uncond), "prior": one(prior), "recon": one(recon), "real": one(real)}
 
 
-def test_distance_sentence_verdict_follows_the_numbers():
-    lower = D.distance_sentence(_dist(uncond=300.0, prior=240.0))
-    assert "prior lowers the" in lower and "240.00 vs 300.00 (-20%)" in lower
-    higher = D.distance_sentence(_dist(uncond=300.0, prior=330.0))
-    assert "does not lower" in higher and "330.00 vs 300.00 (+10%)" in higher
+def test_distance_sentence_verdict_follows_the_interval_not_the_point():
+    dist = _dist(uncond=300.0, prior=240.0)
+    diff = lambda d, lo, hi: {"prior-uncond": {"diff": d, "low": lo, "high": hi}}  # noqa: E731
+    lower = D.distance_sentence(dist, diff(-60.0, -80.0, -40.0))
+    assert "are **lower** in" in lower and "240.00 vs 300.00, difference -60.00 [-80.00, -40.00]" in lower
+    # the same point estimates with an interval across 0 decide nothing
+    unsure = D.distance_sentence(dist, diff(-60.0, -130.0, 10.0))
+    assert "**not distinguishable**" in unsure
+    assert "**higher**" in D.distance_sentence(_dist(300.0, 330.0), diff(30.0, 5.0, 55.0))
+    # a run without intervals states the numbers and no verdict
+    old = D.distance_sentence(dist)
+    assert "predates the intervals" in old and "**" not in old
     # the caveat appears only when every generated set is far from the real floor
-    assert "farther from" in higher
+    assert "farther from" in lower
     assert "farther from" not in D.distance_sentence(_dist(40.0, 30.0, recon=35.0, real=10.0))
 
 
