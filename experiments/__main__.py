@@ -1,4 +1,4 @@
-"""python -m experiments list | show NAME | run NAME ... | report RUN_DIR | extra NAME
+"""python -m experiments list | show NAME | run NAME ... | report RUN_DIR | combine OUT RUN_DIR... | extra NAME
 
 Exit codes: 0 success, 1 training failure (non-finite streak), 2 user error (one line on
 stderr, no traceback), 128+signal when stopped by SIGTERM/SIGINT after checkpointing.
@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (default 1)")
     report = sub.add_parser("report", help="regenerate report.md and plots of a run")
     report.add_argument("run_dir")
+    combine = sub.add_parser("combine", help="seed-level report of runs that differ only in "
+                                             "their seed (experiments that run one seed per run)")
+    combine.add_argument("out_dir", help="directory for report.md, metrics.json and plots/")
+    combine.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     extra = sub.add_parser("extra", help="print the pyproject extra an experiment needs "
                                          "(empty: the base install is enough)")
     extra.add_argument("name")
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "combine":
+            return _combine(args)
         return _report(args)
     except UserError as err:
         return _fail(str(err))
@@ -229,6 +235,23 @@ def _report(args) -> int:
     if "experiment" not in info:
         raise UserError(f"{run_dir.run_info_path} does not name its experiment")
     print(get(info["experiment"]).report(run_dir))
+    return 0
+
+
+def _combine(args) -> int:
+    from experiments.registry import UserError, get
+    from trainkit.run import RunDir, read_json
+
+    run_dirs = [RunDir(p, must_exist=True) for p in args.run_dirs]
+    names = {read_json(r.run_info_path).get("experiment") if r.run_info_path.is_file() else None
+             for r in run_dirs}
+    if len(names) != 1 or None in names:
+        raise UserError(f"the run directories must be runs of one experiment; found {sorted(map(str, names))}")
+    exp = get(names.pop())
+    if exp.combine is None:
+        raise UserError(f"'{exp.name}' runs its seeds inside one run (--seeds N) and reports "
+                        "them there; combine is for experiments that run one seed per run")
+    print(exp.combine(run_dirs, Path(args.out_dir)))
     return 0
 
 

@@ -104,6 +104,9 @@ class Experiment:
     presets: Mapping[str, Callable[[], Config]]
     run: Callable[[Config, RunContext], RunResult]
     report: Callable[[RunDir], str]  # writes report.md and plots/ from the run's files
+    # seed-level report of several runs of one configuration that ran one seed each:
+    # combine(run_dirs, out_dir) -> path of the report it wrote (None: seeds run inside a run)
+    combine: Callable[[list[RunDir], Path], str] | None = None
 
     def preset(self, name: str) -> Config:
         if name not in self.presets:

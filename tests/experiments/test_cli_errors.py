@@ -152,6 +152,21 @@ def test_report_on_a_missing_directory(capsys, tmp_path):
     assert_one_line_error(code, err, tmp_path / "nope", "does not exist")
 
 
+def test_combine_of_an_experiment_that_runs_its_seeds_inside_one_run(capsys, tmp_path):
+    runs = []
+    for seed in (0, 1):
+        path = tmp_path / f"s{seed}"
+        path.mkdir()
+        save_json(smoke(), path / "config.json")
+        (path / "run.json").write_text(json.dumps({"experiment": "quickstart"}))
+        runs.append(path)
+    code, _, err = cli(["combine", tmp_path / "out", *runs], capsys)
+    assert_one_line_error(code, err, "quickstart", "--seeds N")
+    (runs[1] / "run.json").write_text(json.dumps({"experiment": "dlc"}))
+    code, _, err = cli(["combine", tmp_path / "out", *runs], capsys)
+    assert_one_line_error(code, err, "one experiment", "dlc", "quickstart")
+
+
 def test_mesh_that_does_not_fit_the_devices(capsys, tmp_path):
     if jax.device_count() == 3:
         pytest.skip("3 devices do fit mesh.data=3")

@@ -5,6 +5,7 @@ stage storage) and the smoke preset end to end through the CLI with a stage-leve
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import dlc as D
+from experiments.registry import UserError
 from generative import dlc, evaluation as ev
 from tests.helpers import copy_run, run_cli, SHARED_RUN_TIMEOUT, shared_smoke_run
 from trainkit.config import ConfigError, apply_overrides
@@ -242,3 +244,69 @@ def test_attribute_sentence_verdicts_follow_the_numbers():
     assert "colour 0.10 (chance 0.12, not above)" in text
     flipped = D.attribute_sentence(_attrs(kind_acc=0.1, colour_acc=0.9))
     assert "kind 0.10 (chance 0.20, not above)" in flipped and "colour 0.90 (chance 0.12, above)" in flipped
+
+
+# --- seeds combined -----------------------------------------------------------------------------
+
+
+def _fake_run(root, seed, prior_minus_uncond, *, cfg=None):
+    """A finished dlc run directory with the files combine reads (config, run.json, summary)."""
+    from trainkit.config import save_json
+
+    path = root / f"s{seed}"
+    path.mkdir(parents=True)
+    save_json(dataclasses.replace(cfg or D.smoke(), seed=seed), path / "config.json")
+    (path / "run.json").write_text(json.dumps({"experiment": "dlc"}))
+    final = {}
+    for i, name in enumerate(("real", "uncond", "prior", "recon")):
+        fd = 10.0 if name == "real" else 300.0 + 5 * seed + i
+        final.update({f"{name}/fd": fd, f"{name}/precision": 0.5, f"{name}/recall": 0.4})
+    final["prior/fd"] = final["uncond/fd"] + prior_minus_uncond
+    for a, b in D.FD_COMPARISONS:
+        d = final[f"{a}/fd"] - final[f"{b}/fd"]
+        final.update({f"fd_difference/{a}-{b}/{k}": v
+                      for k, v in (("diff", d), ("low", d - 5), ("high", d + 5))})
+    for name in ("recon", "text"):
+        for h in ("kind", "colour", "background_colour"):
+            final.update({f"{name}/acc/{h}": 0.3, f"{name}/chance/{h}": 0.2})
+    for h in ("kind", "colour", "background_colour"):
+        final.update({f"compose/{h}/either": 0.5, f"compose/{h}/chance_either": 0.4})
+    (path / "summary.json").write_text(json.dumps({"final": final}))
+    return path
+
+
+def test_combine_reads_the_verdict_from_the_seed_interval(tmp_path):
+    from trainkit.run import RunDir
+
+    # per-seed differences -20, -25, -30: mean -25, t interval (4.30 * 2.89) below 0
+    runs = [RunDir(_fake_run(tmp_path, s, d), must_exist=True)
+            for s, d in ((0, -20.0), (1, -25.0), (2, -30.0))]
+    report = Path(D.combine_seeds(runs, tmp_path / "out")).read_text()
+    out = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert out["seeds"] == [0, 1, 2] and out["verdicts"]["prior-uncond"] == "lower"
+    m = out["metrics"]
+    assert m["fd_difference/prior-uncond/diff/mean"] == pytest.approx(-25.0)
+    assert m["fd_difference/prior-uncond/diff/ci_half"] == pytest.approx(
+        4.302653 * 5.0 / np.sqrt(3), rel=1e-5)
+    assert "prior-code samples are **lower**" in report
+    assert "| seed 0 | seed 1 | seed 2 |" in report
+    assert (tmp_path / "out" / "plots" / "fd_by_set.png").stat().st_size > 0
+    # one seed the other way: the interval spans 0 and there is no verdict
+    mixed = [RunDir(_fake_run(tmp_path / "mixed", s, d), must_exist=True)
+             for s, d in ((0, -20.0), (1, -25.0), (2, 15.0))]
+    D.combine_seeds(mixed, tmp_path / "out2")
+    assert json.loads((tmp_path / "out2" / "metrics.json").read_text())["verdicts"][
+        "prior-uncond"] == "not distinguishable"
+
+
+def test_combine_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
+    from trainkit.run import RunDir
+
+    other = dataclasses.replace(D.smoke(), eval=dataclasses.replace(D.smoke().eval, guidance=3.0))
+    runs = [RunDir(_fake_run(tmp_path, 0, -1.0), must_exist=True),
+            RunDir(_fake_run(tmp_path, 1, -1.0, cfg=other), must_exist=True)]
+    with pytest.raises(UserError, match="in more than the seed: eval.guidance"):
+        D.combine_seeds(runs, tmp_path / "out")
+    same_seed = [runs[0], RunDir(_fake_run(tmp_path / "again", 0, -1.0), must_exist=True)]
+    with pytest.raises(UserError, match="distinct seeds"):
+        D.combine_seeds(same_seed, tmp_path / "out")

@@ -152,7 +152,7 @@ def test_ppo_init_gains(cartpole):
 
 
 def test_chunked_equals_one_shot(cartpole):
-    agent, chunk = cartpole["agent"], cartpole["chunk"]
+    chunk = cartpole["chunk"]
     full_state, full_m = cartpole["run3"]
     state = cartpole["init"](jax.random.key(3))
     rows = []
@@ -200,7 +200,7 @@ def test_trainkit_fit_resume_matches_uninterrupted(cartpole, tmp_path):
     from trainkit.loop import LoopSettings, fit
     from trainkit.run import RunDir
 
-    agent, chunk = cartpole["agent"], cartpole["chunk"]
+    chunk = cartpole["chunk"]
     run = RunDir(tmp_path / "run")
     key = jax.random.key(3)
     kw = dict(chunk_size=2, save_every=2, key_metric="loss")

@@ -1,4 +1,3 @@
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from experiments import quickstart
-from trainkit.sharding import (DEFAULT_RULES, _fit_spec, batch_sharding, logical_to_mesh, make_mesh,
+from trainkit.sharding import (_fit_spec, batch_sharding, logical_to_mesh, make_mesh,
                                param_shardings, seed_sharding, shard_batch, to_host)
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
