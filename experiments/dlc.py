@@ -953,9 +953,11 @@ def distance_sentence(dist: dict, fd_diff: dict | None = None) -> str:
     a, b, c, r = (dist[k]["fd"] for k in ("uncond", "prior", "recon", "real"))
     if fd_diff:
         d = fd_diff["prior-uncond"]
+        v = fd_verdict(d["low"], d["high"])
+        relation = "from" if v == "not distinguishable" else "than"
         claim = (f"Samples from codes drawn from the MDLM prior (the paper's claim) are "
-                 f"**{fd_verdict(d['low'], d['high'])}** in {FD_NAME} than the unconditional "
-                 f"DiT's at equal compute: {b:.2f} vs {a:.2f}, difference {d['diff']:+.2f} "
+                 f"**{v}** in {FD_NAME} {relation} the unconditional DiT's at equal compute: "
+                 f"{b:.2f} vs {a:.2f}, difference {d['diff']:+.2f} "
                  f"[{d['low']:+.2f}, {d['high']:+.2f}] (basic bootstrap 95% over R and both "
                  f"sample sets; one seed, so not yet a verdict).")
     else:
@@ -1097,7 +1099,7 @@ def report(run_dir: RunDir) -> str:
     if fd_diff:
         diff_rows = [[f"{SET_TITLES[a]} - {SET_TITLES[b]}", _fmt(d["diff"], 2),
                       f"[{_fmt(d['low'], 2)}, {_fmt(d['high'], 2)}]", fd_verdict(d["low"], d["high"])]
-                     for (a, b), d in ((p.split("-"), d) for p, d in fd_diff.items())]
+                     for a, b in FD_COMPARISONS for d in (fd_diff[f"{a}-{b}"],)]
         dist_table += ("\n\nDifferences in FD against R (negative: the first set is closer), "
                        f"basic bootstrap 95% over R and both sets ({cfg.eval.fd_resamples} "
                        "resamples, `generative.evaluation.frechet_difference_ci`):\n\n"

@@ -217,10 +217,10 @@ def test_distance_sentence_verdict_follows_the_interval_not_the_point():
     dist = _dist(uncond=300.0, prior=240.0)
     diff = lambda d, lo, hi: {"prior-uncond": {"diff": d, "low": lo, "high": hi}}  # noqa: E731
     lower = D.distance_sentence(dist, diff(-60.0, -80.0, -40.0))
-    assert "are **lower** in" in lower and "240.00 vs 300.00, difference -60.00 [-80.00, -40.00]" in lower
+    assert "are **lower** in FD (attribute-CNN features) than the" in lower and "240.00 vs 300.00, difference -60.00 [-80.00, -40.00]" in lower
     # the same point estimates with an interval across 0 decide nothing
     unsure = D.distance_sentence(dist, diff(-60.0, -130.0, 10.0))
-    assert "**not distinguishable**" in unsure
+    assert "**not distinguishable** in FD (attribute-CNN features) from the" in unsure
     assert "**higher**" in D.distance_sentence(_dist(300.0, 330.0), diff(30.0, 5.0, 55.0))
     # a run without intervals states the numbers and no verdict
     old = D.distance_sentence(dist)
