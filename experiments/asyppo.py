@@ -42,7 +42,7 @@ from flax import nnx
 
 from experiments import kl_estimators, lm_pretrain
 from experiments.registry import Experiment, RunContext, RunResult
-from trainkit import plots
+from trainkit import plots, stats
 from trainkit.config import Config, ConfigError, field, load_json
 from trainkit.loop import LoopSettings, count_params, fit
 from trainkit.run import RunDir, final_metrics, is_main_process, read_json, read_metrics, write_json
@@ -447,25 +447,18 @@ def _finals(run_dir: RunDir, name: str) -> list[dict]:
 
 
 def _stat(finals: list[dict], key: str) -> tuple[float, float, int]:
+    """``(mean, 95% t half-width, seeds)`` of ``key`` over the seeds (trainkit.stats.mean_ci;
+    half-width 0 from one seed)."""
     v = [float(f[key]) for f in finals if key in f]
-    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else (float("nan"), 0.0, 0)
+    if not v:
+        return float("nan"), 0.0, 0
+    mean, half, n = stats.mean_ci(v)
+    return float(mean), float(half), int(n)
 
 
 def _fmt(stat, digits=3) -> str:
-    mean, std, n = stat
-    return "-" if n == 0 else f"{mean:.{digits}f} +- {std:.{digits}f}"
-
-
-def _curves(run_dir: RunDir, names, key):
-    curves = {}
-    for name in names:
-        series = []
-        for sub in sorted((run_dir.path / "configs").glob(f"{name}-s*")):
-            rows = [row for row in read_metrics(sub / "metrics.jsonl") if key in row]
-            series.append(([row["step"] for row in rows], [row[key] for row in rows]))
-        if series and all(s[0] == series[0][0] for s in series) and series[0][0]:
-            curves[name] = (series[0][0], np.asarray([s[1] for s in series], np.float64))
-    return curves
+    mean, half, n = stat
+    return "-" if n == 0 else f"{mean:.{digits}f} +- {half:.{digits}f}"
 
 
 def _smooth(v: np.ndarray, window: int = 5) -> np.ndarray:
@@ -475,21 +468,21 @@ def _smooth(v: np.ndarray, window: int = 5) -> np.ndarray:
 
 
 def _compare(run_dir: RunDir, a: str, b: str, key: str, label: str) -> str | None:
-    fa, fb = _finals(run_dir, a), _finals(run_dir, b)
-    sa, sb = _stat(fa, key), _stat(fb, key)
-    if not sa[2] or not sb[2]:
+    """One comparison line: difference of the seed means with Welch's 95% interval
+    (trainkit.stats.difference_ci); only an interval that excludes 0 gives a direction."""
+    va = [float(f[key]) for f in _finals(run_dir, a) if key in f]
+    vb = [float(f[key]) for f in _finals(run_dir, b) if key in f]
+    if not va or not vb:
         return None
-    gap = sa[0] - sb[0]
-    se2 = 2 * float(np.sqrt(sa[1] ** 2 / sa[2] + sb[1] ** 2 / sb[2]))
-    if sa[2] < 2 or sb[2] < 2:
-        verdict = "one seed only: no error bar"
-    elif gap > se2:
-        verdict = f"{a} is better beyond 2 standard errors"
-    elif gap < -se2:
-        verdict = f"{a} is worse beyond 2 standard errors"
-    else:
-        verdict = "within 2 standard errors: no clear difference"
-    return f"- {label}: {a} {sa[0]:.3f} vs {b} {sb[0]:.3f} ({gap:+.3f}, 2 SE = {se2:.3f}): {verdict}."
+    ma, mb = float(np.mean(va)), float(np.mean(vb))
+    if len(va) < 2 or len(vb) < 2:
+        return (f"- {label}: {a} {ma:.3f} vs {b} {mb:.3f} ({ma - mb:+.3f}): one seed only, "
+                "no interval.")
+    gap, low, high = stats.difference_ci(va, vb)
+    verdict = (f"{a} is better" if low > 0 else f"{a} is worse" if high < 0
+               else "the interval contains 0: no clear difference")
+    return (f"- {label}: {a} {ma:.3f} vs {b} {mb:.3f} ({gap:+.3f} [{low:+.3f}, {high:+.3f}], "
+            f"Welch 95%): {verdict}.")
 
 
 SWEEP_KEYS = (("eval_accuracy", "in-domain acc."), ("ood_accuracy", "OOD acc."),
@@ -606,8 +599,8 @@ def report(run_dir: RunDir) -> str:
     for a, b in (("asyppo-m2", "ppo-mini"), ("asyppo-m4", "ppo-mini"), ("asyppo-m2", "ppo-actor")):
         line = _compare(run_dir, a, b, "value_mse_ensemble", f"ensemble of {a} vs the critic of {b}")
         if line:
-            lines.append(line.replace("is better beyond", "is higher beyond").replace(
-                "is worse beyond", "is lower beyond"))
+            lines.append(line.replace("is better.", "is higher.").replace(
+                "is worse.", "is lower."))
     inside = [n for n in names if method_spec(n)[1] > 1 and _finals(run_dir, n)]
     for n in inside:
         f = _finals(run_dir, n)
@@ -622,7 +615,7 @@ def report(run_dir: RunDir) -> str:
             f"{r.max_value}; OOD: {r.ood_max_ops} operators), {r.iterations} iterations of "
             f"{r.num_prompts} prompts x {r.group_size} responses, KL {r.kl}, {r.epochs} epoch(s) x "
             f"{r.num_minibatches} minibatch(es) per batch, k = {r.k}, h = {r.h}, entropy coef "
-            f"{r.entropy_coef}. Means +- std over seeds; accuracies at the last evaluation, value "
+            f"{r.entropy_coef}. Means +- 95% t interval over seeds; accuracies at the last evaluation, value "
             "MSE against the Monte-Carlo return over the last 5 iterations; a collapse is a final "
             "in-domain accuracy below half the base model's.\n\n"
             f"{table}\n\n" + "\n".join(lines) + "\n\n"

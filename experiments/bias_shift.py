@@ -873,7 +873,7 @@ def report(run_dir: RunDir) -> str:
             by_arch = {arch: [en["measured"][c]["shift"] for c in cnames if c.startswith(arch)]
                        for arch in cfg.readers.archs}
             rows.append([a, "spectrum" if ra["spectrum"] else "binary", GEN_TITLES[g],
-                         _ci(ref)] + [f"{100 * np.mean(v):+.1f} ± {100 * np.std(v):.1f}"
+                         _ci(ref)] + [f"{100 * np.mean(v):+.1f} ± {100 * np.std(v, ddof=1 if len(v) > 1 else 0):.1f}"
                                       for v in by_arch.values()]
                         + [_sig(en, cnames),
                            ", ".join(f"{k}:{n}" for k, n in _count(en["verdict"]).items()),

@@ -90,6 +90,34 @@ def test_sweep_table_is_the_mean_and_95ci_over_seeds(tmp_path):
     assert (tmp_path / "plots" / "sweep_eval_accuracy.png").is_file()
 
 
+def test_comparisons_read_welchs_interval_over_seeds(tmp_path):
+    """The method table is mean +- 95% t interval, and a comparison gives a direction only when
+    Welch's interval of the difference excludes 0 (not a 2-SE rule on population sds)."""
+    from scipy import stats as sst
+
+    from experiments import asyppo as exp
+    from trainkit.run import RunDir
+
+    accs = {"asyppo-m2": [0.30, 0.32, 0.34], "ppo-mini": [0.20, 0.21, 0.22],
+            "grpo": [0.25, 0.35, 0.45]}
+    for name, values in accs.items():
+        for seed, acc in enumerate(values):
+            sub = tmp_path / "configs" / f"{name}-s{seed}"
+            sub.mkdir(parents=True)
+            (sub / "summary.json").write_text(json.dumps({"final": {"eval_accuracy": acc}}))
+            (sub / "metrics.jsonl").write_text("")
+    run_dir = RunDir(tmp_path)
+    mean, half, n = exp._stat(exp._finals(run_dir, "asyppo-m2"), "eval_accuracy")
+    assert (mean, n) == (pytest.approx(0.32), 3)
+    assert half == pytest.approx(sst.t.ppf(0.975, 2) * 0.02 / 3 ** 0.5)
+    better = exp._compare(run_dir, "asyppo-m2", "ppo-mini", "eval_accuracy", "acc")
+    ref = sst.ttest_ind(accs["asyppo-m2"], accs["ppo-mini"], equal_var=False).confidence_interval()
+    assert f"(+0.110 [{ref.low:+.3f}, {ref.high:+.3f}], Welch 95%): asyppo-m2 is better." in better
+    unsure = exp._compare(run_dir, "asyppo-m2", "grpo", "eval_accuracy", "acc")
+    assert "the interval contains 0: no clear difference" in unsure
+    assert exp._compare(run_dir, "asyppo-m2", "missing", "eval_accuracy", "acc") is None
+
+
 def test_a_given_model_dir_is_used_as_is_or_refused_by_its_key(tmp_path):
     """lm_pretrain.pretrained_model_dir, the first stage asyppo and kl_estimators share."""
     from experiments import lm_pretrain
