@@ -461,6 +461,18 @@ def _fmt(stat, digits=3) -> str:
     return "-" if n == 0 else f"{mean:.{digits}f} +- {half:.{digits}f}"
 
 
+def _curves(run_dir: RunDir, names, key):
+    curves = {}
+    for name in names:
+        series = []
+        for sub in sorted((run_dir.path / "configs").glob(f"{name}-s*")):
+            rows = [row for row in read_metrics(sub / "metrics.jsonl") if key in row]
+            series.append(([row["step"] for row in rows], [row[key] for row in rows]))
+        if series and all(s[0] == series[0][0] for s in series) and series[0][0]:
+            curves[name] = (series[0][0], np.asarray([s[1] for s in series], np.float64))
+    return curves
+
+
 def _smooth(v: np.ndarray, window: int = 5) -> np.ndarray:
     """Running mean over up to ``window`` iterations, the same length as ``v``."""
     w = max(1, min(window, len(v)))
