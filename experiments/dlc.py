@@ -1246,7 +1246,9 @@ def combine_seeds(run_dirs: list[RunDir], out_dir) -> str:
     text = (
         f"# dlc: {len(seeds)} seeds combined\n\n"
         "Runs: " + ", ".join(f"`{r.path}` (seed {s})" for r, s in zip(run_dirs, seeds)) + ". "
-        f"Identical configuration apart from the model seed (same data and the same R): "
+        "Identical configuration apart from the model seed (same data and the same R; the "
+        "seed also sets the attribute CNN's initialisation, so each seed measures FD in its own "
+        "feature space: compare sets within a seed, which is what the differences do). "
         f"SEM encoder {cfg.sem.encoder}, DiTs {cfg.dit.steps} steps, {cfg.eval.num_samples} "
         f"images per set, {cfg.eval.sample_steps} Euler steps, CFG {cfg.eval.guidance:g}. "
         f"Intervals over seeds: Student t, 95%, n - 1 = {len(seeds) - 1} degrees of freedom "
