@@ -86,6 +86,7 @@ from generative import vit_dino as vd
 from generative.sem import SEMConfig
 from trainkit import guards, plots
 from trainkit.config import Config, ConfigError, field, load_json
+from trainkit.config import keys as config_keys
 from trainkit.run import Progress, RunDir, is_main_process, read_json, write_json
 from trainkit.sharding import local_replica, make_mesh, replicate, spread_batch, to_host
 
@@ -1097,9 +1098,12 @@ def report(run_dir: RunDir) -> str:
                                                   "precision", "recall"])
     fd_diff = ev_info.get("fd_difference")
     if fd_diff:
-        diff_rows = [[f"{SET_TITLES[a]} - {SET_TITLES[b]}", _fmt(d["diff"], 2),
-                      f"[{_fmt(d['low'], 2)}, {_fmt(d['high'], 2)}]", fd_verdict(d["low"], d["high"])]
-                     for a, b in FD_COMPARISONS for d in (fd_diff[f"{a}-{b}"],)]
+        diff_rows = []
+        for a, b in FD_COMPARISONS:
+            d = fd_diff[f"{a}-{b}"]
+            diff_rows.append([f"{SET_TITLES[a]} - {SET_TITLES[b]}", _fmt(d["diff"], 2),
+                              f"[{_fmt(d['low'], 2)}, {_fmt(d['high'], 2)}]",
+                              fd_verdict(d["low"], d["high"])])
         dist_table += ("\n\nDifferences in FD against R (negative: the first set is closer), "
                        f"basic bootstrap 95% over R and both sets ({cfg.eval.fd_resamples} "
                        "resamples, `generative.evaluation.frechet_difference_ci`):\n\n"
@@ -1175,14 +1179,16 @@ def combine_seeds(run_dirs: list[RunDir], out_dir) -> str:
 
     if len(run_dirs) < 2:
         raise UserError("combine needs at least 2 runs (one per seed)")
-    configs = [read_json(r.config_path) for r in run_dirs]
-    seeds = [c.pop("seed") for c in configs]
+    configs = [load_json(DLCExpConfig, r.config_path) for r in run_dirs]
+    seeds = [c.seed for c in configs]
     if len(set(seeds)) != len(seeds):
         raise UserError(f"the runs must have distinct seeds; got {seeds}")
+    base = dataclasses.replace(configs[0], seed=0)
     for r, c in zip(run_dirs[1:], configs[1:]):
-        if c != configs[0]:
-            diff = sorted(k for k in set(_flat(c)) | set(_flat(configs[0]))
-                          if _flat(c).get(k) != _flat(configs[0]).get(k))
+        c = dataclasses.replace(c, seed=0)
+        if c != base:
+            value = lambda cfg, key: functools.reduce(getattr, key.split("."), cfg)  # noqa: E731
+            diff = [k for k in config_keys(base) if value(c, k) != value(base, k)]
             raise UserError(f"{r.path} differs from {run_dirs[0].path} in more than the seed: "
                             + ", ".join(diff))
     finals = []
@@ -1195,7 +1201,7 @@ def combine_seeds(run_dirs: list[RunDir], out_dir) -> str:
                             "and resume it (python -m experiments run dlc --run-dir "
                             f"{r.path} --resume) to recompute the evaluation")
         finals.append(final)
-    cfg = load_json(DLCExpConfig, run_dirs[0].config_path)
+    cfg = configs[0]
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     col = lambda key: np.array([f[key] for f in finals])  # noqa: E731
@@ -1272,16 +1278,6 @@ def combine_seeds(run_dirs: list[RunDir], out_dir) -> str:
     write_json(out / "metrics.json", {"seeds": seeds, "runs": [str(r.path) for r in run_dirs],
                                       "verdicts": verdicts, "metrics": metrics})
     return str(out / "report.md")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _smooth(x: np.ndarray, w: int = 25) -> np.ndarray:

@@ -75,12 +75,8 @@ def bootstrap_ci(values, statistic: Callable[[np.ndarray], float] = np.mean, *,
     values = np.asarray(values)
     if len(values) < 2:
         raise ValueError(f"bootstrap_ci needs >= 2 samples, got {len(values)}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(num_resamples, len(values)))
-    boot = np.array([statistic(values[i]) for i in idx])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
-    return float(statistic(values)), float(low), float(high)
+    return multi_sample_bootstrap_ci((values,), statistic, method="percentile",
+                                     num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
 def block_bootstrap_ci(series, block: int, *, num_resamples: int = 10_000,
