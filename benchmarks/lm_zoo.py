@@ -16,9 +16,10 @@ peer timed in the same process (absolute speeds on shared machines drift).
    [L, B, S, K, H], see ``forward_cached_seq_major``) and checks its tokens equal the
    library's head-major path.
 2. Training tokens/s: one forward + backward + AdamW step on next-token loss, ours (pure
-   jitted step over the params pytree, optax.adamw, buffers donated; plain cross-entropy
-   and ``llm_rl.sft.chunked_token_nll`` over chunks of tokens) against PyTorch (same model,
-   torch.optim.AdamW).
+   jitted step over the params pytree, optax.adamw, buffers donated; plain cross-entropy,
+   ``llm_rl.sft.chunked_token_nll`` over chunks of tokens, and the plain step traced with
+   JAX's own ``tensordot`` gradient instead of ``trainkit.nn.layers.contract``'s CPU rule)
+   against PyTorch (same model, torch.optim.AdamW).
 3. MFU of our training step: ``(6 * N * tokens + 12 * L * heads * head_dim * T * tokens) /
    step_time / peak``, N the parameters that enter matmuls (kernels, and the embedding once
    as the tied output projection), peak the median FLOP/s of a jitted float32 matmul.
@@ -32,6 +33,7 @@ peer timed in the same process (absolute speeds on shared machines drift).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -295,6 +297,26 @@ def matmul_peak_fns(n: int) -> tuple[dict, float]:
     return fns, 2.0 * n ** 3
 
 
+AUTODIFF = "ours, autodiff dW (before 2026-12-07)"
+
+
+@contextlib.contextmanager
+def autodiff_contract():
+    """Trace the dense layers with JAX's own gradient of ``tensordot`` instead of
+    ``trainkit.nn.layers.contract``'s custom CPU rule (the library before 2026-12-07)."""
+    import jax.numpy as jnp
+
+    from trainkit.nn import layers
+
+    saved = layers.contract
+    layers.contract = lambda x, kernel, n_in, out_dtype=None: jnp.tensordot(
+        x, kernel, axes=n_in, preferred_element_type=out_dtype)
+    try:
+        yield
+    finally:
+        layers.contract = saved
+
+
 def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int,
                    peak_n: int = 2048, ce_chunk: int = 256) -> dict:
     """Tokens/s of both training steps and, measured in the same interleaved repeats (so the
@@ -337,7 +359,8 @@ def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int
             return optax.apply_updates(p, u), s, value
         return jax.jit(step, donate_argnums=(0, 1))
 
-    steps_jit = {"ours": make_step(loss_fn), "ours chunked CE": make_step(loss_chunked)}
+    steps_jit = {"ours": make_step(loss_fn), "ours chunked CE": make_step(loss_chunked),
+                 AUTODIFF: make_step(loss_fn)}
     carries = {k: {"p": jax.tree.map(jnp.array, params), "s": tx.init(params)} for k in steps_jit}
     hf_model = hf.train()
     opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
@@ -365,19 +388,18 @@ def bench_training(hf, ours, cfg, batch: int, seq: int, steps: int, repeats: int
     for name, step_jit in steps_jit.items():
         start = time.perf_counter()
         c = carries[name]
-        c["p"], c["s"], _ = jax.block_until_ready(step_jit(c["p"], c["s"], ids_j))
+        with (autodiff_contract() if name == AUTODIFF else contextlib.nullcontext()):  # traced here
+            c["p"], c["s"], _ = jax.block_until_ready(step_jit(c["p"], c["s"], ids_j))
         compile_s[name] = time.perf_counter() - start
     run_torch()
     peak_fns, peak_flops = matmul_peak_fns(peak_n)
-    fns = {"ours": run_ours("ours"), "ours chunked CE": run_ours("ours chunked CE"), "torch": run_torch,
-           **peak_fns}
-    work = {**{k: steps * batch * seq for k in ("ours", "ours chunked CE", "torch")},
-            **{k: peak_flops for k in peak_fns}}
+    sides = ("ours", "ours chunked CE", AUTODIFF, "torch")
+    fns = {**{k: run_ours(k) for k in steps_jit}, "torch": run_torch, **peak_fns}
+    work = {**{k: steps * batch * seq for k in sides}, **{k: peak_flops for k in peak_fns}}
     raw = interleaved_rates(fns, work, repeats)
     hf.eval()
     n = matmul_params(params)
     flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
-    sides = ("ours", "ours chunked CE", "torch")
     mfu = {f"{side} vs {peak}": statistics.median(
         t * flops_per_token / pk for t, pk in zip(raw[side], raw[f"peak {peak}"]))
         for side in sides for peak in ("jax", "torch")}

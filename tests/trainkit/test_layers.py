@@ -1,6 +1,7 @@
 """trainkit.nn.layers: the attention against a NumPy transcription of its formula, the
-head-major cache attention against it, and a DecoderBlock decoding token by token with its
-cache against one full causal pass."""
+head-major cache attention against it, a DecoderBlock decoding token by token with its
+cache against one full causal pass, and the dense contraction's custom CPU gradient against
+NumPy's ``dx = g W^T``, ``dW = x^T g``."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from trainkit.nn.layers import DecoderBlock, attend_cache, dot_product_attention
+from trainkit.nn.layers import DecoderBlock, attend_cache, contract, dot_product_attention
 
 
 def np_attention(q, k, v, mask):
@@ -65,3 +66,33 @@ def test_decoder_block_cached_decode_equals_one_causal_pass():
         outs.append(y)
         start += n
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=2), st.lists(st.integers(1, 5), min_size=1, max_size=2),
+       st.lists(st.integers(1, 5), min_size=1, max_size=2), st.booleans(), st.integers(0, 2**31 - 1))
+def test_contract_gradient_is_the_transposed_products(lead, fan_in, fan_out, f32_out, seed):
+    """For the loss sum(y * c): dx = c . W^T over the output dims and dW = x^T c over every
+    token (the leading dims), written out in NumPy on the flattened shapes."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(lead + fan_in).astype(np.float32)
+    w = rng.standard_normal(fan_in + fan_out).astype(np.float32)
+    c = rng.standard_normal(lead + fan_out).astype(np.float32)
+    out_dtype = jnp.float32 if f32_out else None
+    n_in = len(fan_in)
+    y, (dx, dw) = jax.value_and_grad(lambda x, w: (contract(x, w, n_in, out_dtype) * c).sum(), argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(w))
+    tokens, k, o = int(np.prod(lead)), int(np.prod(fan_in)), int(np.prod(fan_out))
+    x2, w2, c2 = x.reshape(tokens, k).astype(np.float64), w.reshape(k, o).astype(np.float64), c.reshape(tokens, o)
+    np.testing.assert_allclose(float(y), float(((x2 @ w2) * c2).sum()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), (c2 @ w2.T).reshape(x.shape), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), (x2.T @ c2).reshape(w.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_contract_gradient_keeps_bfloat16_parameters_in_bfloat16():
+    x = jnp.ones((3, 4), jnp.bfloat16)
+    w = jnp.full((4, 2), 0.5, jnp.bfloat16)
+    dx, dw = jax.grad(lambda x, w: contract(x, w, 1, jnp.float32).sum(), argnums=(0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dw, np.float32), np.full((4, 2), 3.0))
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.full((3, 4), 1.0))

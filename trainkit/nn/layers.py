@@ -14,6 +14,7 @@ Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``D`` width, ``N`` qu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,50 @@ import jax.numpy as jnp
 from flax import nnx
 
 INIT_STD = 0.02  # normal(0, 0.02) for kernels and embeddings, as the HF models initialise
+
+
+# --- the contraction of every dense layer ----------------------------------------------------
+
+
+def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: Any = None) -> jax.Array:
+    """``y = tensordot(x, kernel, n_in)``: the trailing ``n_in`` dims of ``x`` against the
+    leading ``n_in`` dims of ``kernel`` (float accumulation in ``out_dtype`` when given).
+
+    Its gradient is the usual pair ``dx = g . kernel^T`` (over the output dims) and
+    ``dkernel = x^T g`` (over every token). On the CPU backend the second is written as a plain
+    ``[in, tokens] @ [tokens, out]`` product of an explicitly transposed ``x`` (a custom VJP):
+    the autodiff form contracts dim 0 of both operands, which XLA's CPU backend leaves to its
+    Eigen fallback instead of the YNNPACK matmul, 1.4-2x slower on the MLP shapes of the LM zoo
+    (benchmarks/RESULTS.md, "Where the training step's backward lost"). Other backends use
+    plain autodiff. A custom VJP has no forward-mode rule: ``jax.jvp`` through a layer that
+    uses this raises on CPU (no module of the library differentiates an NNX layer forward)."""
+    if jax.default_backend() == "cpu":
+        return _contract_cpu(x, kernel, n_in, out_dtype)
+    return jnp.tensordot(x, kernel, axes=n_in, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _contract_cpu(x, kernel, n_in, out_dtype):
+    return jnp.tensordot(x, kernel, axes=n_in, preferred_element_type=out_dtype)
+
+
+def _contract_cpu_fwd(x, kernel, n_in, out_dtype):
+    return _contract_cpu(x, kernel, n_in, out_dtype), (x, kernel)
+
+
+def _contract_cpu_bwd(n_in, out_dtype, residuals, g):
+    x, kernel = residuals
+    out_axes = tuple(range(n_in, kernel.ndim))
+    dx = jnp.tensordot(g, kernel, axes=(tuple(range(g.ndim - len(out_axes), g.ndim)), out_axes))
+    fan_in = math.prod(kernel.shape[:n_in])
+    tokens = x.size // fan_in
+    # The barrier keeps XLA from folding the transpose back into the dot's dimension numbers.
+    x_t = jax.lax.optimization_barrier(x.reshape(tokens, fan_in).T)
+    dkernel = jnp.dot(x_t, g.reshape(tokens, -1), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_contract_cpu.defvjp(_contract_cpu_fwd, _contract_cpu_bwd)
 
 
 # --- parameters ----------------------------------------------------------------------------
@@ -69,8 +114,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
         kernel = self.kernel[...]
-        y = jnp.tensordot(x.astype(kernel.dtype), kernel, axes=self.n_in,
-                          preferred_element_type=out_dtype)
+        y = contract(x.astype(kernel.dtype), kernel, self.n_in, out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -87,7 +131,7 @@ class Embed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied output projection: float32 ``logits = h E^T``."""
-        return jnp.einsum("btd,vd->btv", h, self.embedding[...], preferred_element_type=jnp.float32)
+        return contract(h, self.embedding[...].T, 1, jnp.float32)
 
 
 class LayerNorm(nnx.Module):
