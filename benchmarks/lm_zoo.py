@@ -156,12 +156,13 @@ def make_previous_generate():
     scope = {**body.__globals__, "forward_cached": forward_cached_seq_major,
              "init_cache": init_cache_seq_major}
     fn = types.FunctionType(body.__code__, scope, body.__name__, body.__defaults__, body.__closure__)
-    jitted = jax.jit(fn, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11))
+    jitted = jax.jit(fn, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12, 13))
 
     def generate_previous(model, ids, mask, key, *, max_new_tokens, greedy=False, temperature=1.0):
         graphdef, params = nnx.split(model)
-        return jitted(graphdef, params, ids, mask, key, max_new_tokens, float(temperature),
-                      None, None, bool(greedy), (), 0)
+        row_ids = np.zeros(ids.shape[:1], np.int32)  # one stream for the batch, as generate's default
+        return jitted(graphdef, params, ids, mask, key, row_ids, max_new_tokens, float(temperature),
+                      None, None, bool(greedy), (), 0, False)
 
     return generate_previous
 
