@@ -2,9 +2,9 @@
 jitted ``grad`` of the next-token loss (the h512 model of ``benchmarks/lm_zoo.py``), summed by
 XLA op kind, with the slowest matmuls and the slowest other ops listed by shape.
 
-XLA's CPU thunks are traced with ``--xla_cpu_enable_xprof_traceme`` and read back with JAX's
-own ``ProfileData``; each op's time is the mean over ``--calls`` calls. ``ynn_fusion`` ops are
-XLA's YNNPACK kernels (matmuls, and some reductions), ``dot`` ops its Eigen fallback.
+XLA's CPU thunks are traced with ``--xla_cpu_enable_xprof_traceme`` and read back with
+``jax.profiler.ProfileData``; each op's time is the mean over ``--calls`` calls. ``ynn_fusion``
+ops are XLA's YNNPACK kernels (matmuls, and some reductions), ``dot`` ops its Eigen fallback.
 
     PYTHONPATH=. .venv/bin/python benchmarks/lm_train_profile.py [--autodiff-dw] [--threads 1]
 
@@ -43,7 +43,6 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from jax._src.lib import _profile_data
 
     from lm_zoo import autodiff_contract, build_pair
 
@@ -66,7 +65,7 @@ def main() -> None:
             for _ in range(args.calls):
                 jax.block_until_ready(compiled(params, ids))
         xplane = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)[-1]
-        profile = _profile_data.ProfileData.from_file(xplane)
+        profile = jax.profiler.ProfileData.from_file(xplane)
 
     ops = {}  # HLO instruction name -> (result shape, the instruction's text)
     for line in compiled.as_text().splitlines():
