@@ -67,11 +67,11 @@ def main() -> None:
         xplane = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)[-1]
         profile = jax.profiler.ProfileData.from_file(xplane)
 
-    ops = {}  # HLO instruction name -> (result shape, the instruction's text)
+    ops = {}  # HLO instruction name -> the instruction's text
     for line in compiled.as_text().splitlines():
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
         if m:
-            ops[m.group(1)] = (m.group(2), re.sub(r", metadata=.*", "", line.strip()))
+            ops[m.group(1)] = re.sub(r", metadata=.*", "", line.strip())
     ms = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:
@@ -92,7 +92,7 @@ def main() -> None:
                         ("other ops", lambda n: not n.startswith(("ynn", "dot")))):
         print(f"\nslowest {title}:")
         for name, t in [(n, t) for n, t in ms.most_common() if pick(n)][:args.top]:
-            print(f"  {t:6.2f} ms  {ops[name][1][:160]}")
+            print(f"  {t:6.2f} ms  {ops[name][:160]}")
 
 
 if __name__ == "__main__":
