@@ -17,10 +17,11 @@ from tests.helpers import FAST_COMPILE
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 120
-# Most notebooks are mostly compilation (many small programs, a few steps each): the suite's
-# FAST_COMPILE flags run them about 2x faster (stable_gradients 82 -> 41 s, fresh compilation
-# cache, one core). A notebook that trains for hundreds of steps runs faster at XLA's default
-# optimisation and keeps it (dlc: 125 s default, 151 s fast). `make demo` runs XLA's defaults.
+# Most notebooks are mostly compilation (many small programs, a few steps each) and run faster
+# with the suite's FAST_COMPILE flags: the ten other than dlc took 285 s at XLA's defaults and 208 s
+# fast (stable_gradients 82 -> 41 s; each alone, fresh compilation cache, one core). A notebook
+# that trains for hundreds of steps runs faster at XLA's default optimisation and keeps it
+# (dlc: 125 s default, 151 s fast). `make demo` runs XLA's defaults.
 XLA_DEFAULT_NOTEBOOKS = {"dlc.ipynb"}
 
 
