@@ -1,7 +1,9 @@
 """Test-wide setup: 8 simulated CPU devices (set before JAX initialises), caches in tmp."""
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 
 from tests.helpers import FAST_COMPILE  # imports no JAX: XLA_FLAGS below still take effect
@@ -13,8 +15,9 @@ _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.ge
 # many small programs), and optimisation level 0 ran a sample of the slowest files (vit_dino,
 # dit, ppo, pqn, stable_networks, asyppo; 125 tests, 2 workers) in 330 s instead of 426 s. It
 # changes how XLA fuses, not what a program computes: every comparison in a test is within one
-# process and one set of flags, or to a tolerance. `make demo` and the notebooks run XLA's
-# defaults; TRAINKIT_TEST_XLA_DEFAULT=1 runs the tests with them too.
+# process and one set of flags, or to a tolerance. `make demo` runs XLA's defaults (the
+# notebooks too where that is faster: tests/test_notebooks.py); TRAINKIT_TEST_XLA_DEFAULT=1
+# runs the tests with them too.
 if "--xla_backend_optimization_level" not in _flags:
     _flags = f"{_flags} {FAST_COMPILE}"
 os.environ["XLA_FLAGS"] = f"{_flags.strip()} --xla_force_host_platform_device_count=8".strip()
@@ -23,9 +26,11 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "mpl-t
 os.environ.setdefault("TRAINKIT_NO_PROGRESS", "1")
 # A persistent compilation cache for this test session, inherited by the `python -m experiments`
 # child processes: a resumed run (SIGTERM/SIGKILL tests, --resume smoke runs) loads the programs
-# its first run compiled instead of compiling them again. Fresh per session, so no stale entries.
+# its first run compiled instead of compiling them again. Fresh per session, so no stale entries,
+# and removed when the process that made it exits (the xdist workers and children inherit it).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-cache-tests-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
