@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,8 @@ import numpy as np
 from trainkit.nn.keymap import check_json_file
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# tokenizer_class values of a plain tokenizer.json tokenizer (transformers 5 writes the first)
+PLAIN_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class TokenizerError(ValueError):
@@ -52,16 +55,27 @@ def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Load a tokenizer from a local directory (never the network)."""
-    from transformers import AutoTokenizer
+    """Load a tokenizer from a local directory (never the network).
 
+    A directory whose ``tokenizer_config.json`` names the plain fast tokenizer (what
+    :func:`save_tokenizer` writes for :func:`char_tokenizer`) loads through that class;
+    any other goes through ``AutoTokenizer``, which resolves the class the config names.
+    Both give the same object for the plain class; the direct path skips ``AutoTokenizer``'s
+    import of transformers' model configs, which imports torch where it is installed (~3 s
+    per process on the 2-core CI machine, paid by every LLM experiment's run)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer_config.json")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         check_json_file(path / name, TokenizerError)  # name the damaged file, not just the dir
+    config = path / "tokenizer_config.json"
+    settings = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    if isinstance(settings, dict) and settings.get("tokenizer_class") in PLAIN_FAST_TOKENIZER_CLASSES:
+        from transformers import PreTrainedTokenizerFast as loader
+    else:
+        from transformers import AutoTokenizer as loader
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return loader.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises many types for unreadable files
         raise TokenizerError(f"{path}: cannot load tokenizer: {str(err).splitlines()[0][:200]}") from None
 

@@ -39,6 +39,23 @@ import jax
 import numpy as np
 
 
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch. ``tensorboardX.writer`` runs
+    ``import torch`` at import time, only to accept torch tensors, which this library never
+    logs. Where torch is installed (the test extras install it) that costs every run ~1.6 s
+    on the 2-core CI machine. So unless torch is already loaded, ``import torch`` is made to
+    fail (``sys.modules["torch"] = None``) for the length of this one import."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class RunDirError(OSError):
     """The run directory cannot be used (missing, unwritable, not a run)."""
 
@@ -248,8 +265,7 @@ class MetricsLogger:
             os.replace(tmp, run_dir.metrics_path)
         self._fh = open(run_dir.metrics_path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             # NaN is a legitimate value here ("not measured in this chunk": no episode ended,
             # no health report); tensorboardX would warn on every such scalar.
             logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)

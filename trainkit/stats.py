@@ -26,12 +26,13 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from scipy import stats as _st
 
 
 def t_quantile(dof: int | np.ndarray, confidence: float = 0.95) -> np.ndarray:
     """Two-sided Student-t quantile ``t_{(1+confidence)/2, dof}``."""
-    return _st.t.ppf((1.0 + confidence) / 2.0, dof)
+    from scipy import stats  # here, not at module import: scipy.stats takes ~1 s to import
+
+    return stats.t.ppf((1.0 + confidence) / 2.0, dof)
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
