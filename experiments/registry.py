@@ -189,18 +189,12 @@ def missing_for_extra(extra: str) -> str | None:
     import importlib.util
     from importlib import metadata
 
-    provided: dict[str, list[str]] | None = None
     for dist in _extra_requirements(extra):
         try:
-            metadata.distribution(dist)
+            installed = metadata.distribution(dist)
         except metadata.PackageNotFoundError:
             return f"package '{dist}'"
-        if provided is None:
-            provided = {}
-            for module, dists in metadata.packages_distributions().items():
-                for d in dists:
-                    provided.setdefault(_normalise(d), []).append(module)
-        for module in provided.get(_normalise(dist), []):
+        for module in _top_level_modules(installed):
             if module.startswith("_") or "-" in module:
                 continue
             try:
@@ -212,10 +206,21 @@ def missing_for_extra(extra: str) -> str | None:
     return None
 
 
-def _normalise(dist: str) -> str:
-    import re
+def _top_level_modules(dist) -> list[str]:
+    """The top-level modules an installed distribution provides: its ``top_level.txt``, else
+    the first part of each path in its RECORD (what ``metadata.packages_distributions`` reads,
+    for this one distribution instead of all ~300 installed: 0.3 s per run on CI)."""
+    declared = (dist.read_text("top_level.txt") or "").split()
+    if declared:
+        return declared
+    import inspect
 
-    return re.sub(r"[-_.]+", "-", dist).lower()
+    tops = set()
+    for file in dist.files or []:  # a directory, or a module file (x.py, x.cpython-311-....so)
+        top = file.parts[0] if len(file.parts) > 1 else inspect.getmodulename(str(file)) or str(file)
+        if "." not in top:  # not importable: x.dist-info, x.libs, ...
+            tops.add(top)
+    return sorted(tops)
 
 
 def require_extra(name: str) -> None:
